@@ -99,6 +99,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_status = ""
         self._db_inode: tuple[int, int] | None = None
+        self._socket_inode: tuple[int, int] | None = None
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -212,12 +213,30 @@ class Daemon:
         if sock is None:
             sock = bind_unix_socket(s.socket, s.mode, s.write_group)
             self.bound_socket = s.socket
+            self._socket_inode = self._inode(s.socket)
         self.runner = web.AppRunner(
             self.api.app, access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
         await self.runner.setup()
         site = web.SockSite(self.runner, sock, shutdown_timeout=1.0)
         await site.start()
+
+    async def _rebind_if_deleted(self) -> None:
+        """A socket file removed under us (tmp cleaners, a careless rm) is bound again."""
+        path = self.bound_socket
+        if path is None or self.runner is None or self._inode(path) == self._socket_inode:
+            return
+        log.warning("API socket %s was removed or replaced; binding it again", path)
+        s = self.settings.api
+        try:
+            sock = bind_unix_socket(path, s.mode, s.write_group)
+        except FatalError as exc:
+            log.error("cannot bind the API socket again: %s", exc)
+            self._socket_inode = self._inode(path)  # say it once, not every few seconds
+            return
+        site = web.SockSite(self.runner, sock, shutdown_timeout=1.0)
+        await site.start()
+        self._socket_inode = self._inode(path)
 
     # -- status ----------------------------------------------------------------------------
 
@@ -294,10 +313,11 @@ class Daemon:
         return st.st_dev, st.st_ino
 
     async def _db_watch_loop(self) -> None:
-        """Notice the database file being deleted or replaced under us."""
+        """Notice the database file or the API socket being deleted or replaced under us."""
         assert self.store is not None
         while True:
             await asyncio.sleep(DB_WATCH_EVERY)
+            await self._rebind_if_deleted()
             if self.store.writer.fatal is not None:
                 log.error(
                     "the database failed (%s); stopping so that systemd can restart "

@@ -270,9 +270,16 @@ class Link:
                 before_sleep=self._before_sleep,
                 reraise=True,
             )
-            async for attempt in retrying:
-                with attempt:
-                    await self._attempt()
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._attempt()
+            except Exception as exc:
+                # Only a bug gets here; it must not end the link silently and for good.
+                log.exception("upstream link failed unexpectedly; starting over")
+                # Recorded as a failure: it also settles a half-open probe left in flight.
+                self._fail(Failure(f"internal error: {type(exc).__name__}: {exc}"))
+                await asyncio.sleep(rc.max_delay)
 
     def _before_sleep(self, retry_state: RetryCallState) -> None:
         delay = retry_state.upcoming_sleep
@@ -299,9 +306,9 @@ class Link:
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         kwargs: dict[str, Any] = {}
-        if self.url.startswith("wss://"):
-            kwargs["ssl"] = tls_context(str(up.ca_file) if up.ca_file else None)
         try:
+            if self.url.startswith("wss://"):  # inside the try: a bad CA file is a failure too
+                kwargs["ssl"] = tls_context(str(up.ca_file) if up.ca_file else None)
             ws = await connect(
                 self.url,
                 additional_headers=headers,
@@ -543,12 +550,14 @@ class Link:
         with contextlib.suppress(StoreUnavailable):  # a failing store only risks duplicates
             await writer.flush()
         cursor = 0  # highest id handled on this connection; the rest are fetched later
+        alone = False  # a re-send is in flight alone: wait for its pong before going on
         while True:
-            room = window.size - window.unconfirmed
-            if room <= 0:
+            if window.unconfirmed and (alone or window.unconfirmed >= window.size):
                 window.room.clear()
                 await window.room.wait()
                 continue
+            alone = False
+            room = window.size - window.unconfirmed
             writer.outbox_changed.clear()
             rows = await self.reader.outbox_pending(cursor, min(PAGE, room))
             if not rows:
@@ -559,11 +568,12 @@ class Link:
             try:
                 for row in rows:
                     msg_id = int(row["id"])
-                    cursor = msg_id
                     if row["expires_at"] is not None and row["expires_at"] <= now:
+                        cursor = msg_id
                         writer.transition([msg_id], "expired", reason="TTL passed before delivery")
                         continue
                     if row["attempts"] >= ob.max_attempts:
+                        cursor = msg_id
                         writer.transition(
                             [msg_id],
                             "dead",
@@ -573,13 +583,21 @@ class Link:
                             ),
                         )
                         continue
+                    if row["attempts"] > 0:
+                        # Sent before, never confirmed: it may be the message that kills our
+                        # connections. It goes alone, with nothing else in flight, so it
+                        # cannot take others down with it (and use up their attempts).
+                        alone = True
+                        if group or window.unconfirmed:
+                            break  # cursor stays below it: fetched again once all is confirmed
+                    cursor = msg_id
                     # Counted as an attempt before the send: a message that kills the
                     # connection every time must still reach max_attempts and go dead.
                     group.append(msg_id)
                     await ws.send(row["body"])
                     counters["out"] += 1
                     self.frames_out += 1
-                    if len(group) >= room:
+                    if alone or len(group) >= room:
                         break
             finally:
                 # Also when the send failed or we are cancelled: what was (maybe) sent is

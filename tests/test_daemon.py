@@ -48,3 +48,33 @@ def test_end_to_end_frames_state_and_outbox(
     d.wait_for(lambda: d.get(f"/v1/outbox/{body['id']}")["state"] == "delivered", what="delivery")
     assert any(json.loads(r["text"]).get("requestId") == "t1" for r in sim.received())
     assert d.stop(signal.SIGTERM) == 0
+
+
+def test_deleted_socket_file_is_bound_again(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    d = daemon_factory(f"ws://127.0.0.1:{free_port()}/ws").start()
+    d.socket.unlink()
+    d.wait_for(lambda: d.get("/v1/health")["ok"], timeout=15, what="socket bound again")
+    assert "binding it again" in d.output()
+    assert d.stop() == 0
+
+
+def test_sighup_reloads_and_a_broken_file_is_refused(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    d = daemon_factory(f"ws://127.0.0.1:{free_port()}/ws")
+    d.config.write_text('[log]\nlevel = "INFO"\n[outbox]\nmax_messages = 5\n')
+    d.start()
+    d.config.write_text('[log]\nlevel = "DEBUG"\n[outbox]\nmax_messages = 1\n')
+    d.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    d.wait_for(lambda: "configuration reloaded" in d.output(), what="reload")
+    body = json.dumps({"type": "memory_compress_preview"}).encode()
+    assert d.client().request("POST", "/v1/outbox", body)[0] == 202
+    status, err = d.client().request("POST", "/v1/outbox", body)
+    assert status == 429, err  # the new bound applies without a restart
+    d.config.write_text("[outbox]\nmax_mesages = 3\n")
+    d.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    d.wait_for(lambda: "reload refused" in d.output(), what="refused reload")
+    assert d.get("/v1/health")["ok"]
+    assert d.stop() == 0
