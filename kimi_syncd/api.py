@@ -677,6 +677,29 @@ class Api:
                 with contextlib.suppress(BaseException):
                     await write
 
+    async def _backfill(
+        self, since: int, upto: int, session: int | None, type_: str | None, kind: str | None
+    ) -> list[dict[str, Any]]:
+        """Matching records in (since, upto] from the database.
+
+        The live buffer skips a sequence number when the records were committed in a batch
+        that was being written while we subscribed: our catch-up snapshot predates that
+        commit, and the batch was not published to us. (After a filtered catch-up the live
+        stream also "skips" whatever the filters excluded; then this finds nothing.)
+        Everything up to `upto` is committed, so the database has it.
+        """
+        items: list[dict[str, Any]] = []
+        while since < upto:
+            rows = await self.reader.events(
+                since=since, session_id=session, type_=type_, kind=kind, limit=CATCH_UP_PAGE
+            )
+            kept = [r for r in rows if int(r["seq"]) <= upto]
+            items += [event_dict(r) for r in kept]
+            if len(kept) < CATCH_UP_PAGE:
+                break
+            since = int(kept[-1]["seq"])
+        return items
+
     def _caught_up_to(self, sub: Subscription, cursor: int) -> None:
         # Records committed during the catch-up are both in the DB and in the buffer.
         while sub.buffer and sub.buffer[0].seq <= cursor:
@@ -709,11 +732,14 @@ class Api:
                 await self._send(request, response, sub, [last])
                 return cursor
             if not got:
-                beat = {
-                    "kind": "heartbeat",
-                    "last_seq": self.writer.last_seq,
-                    "at": iso(time.time()),
-                }
+                last_seq = self.writer.last_seq
+                if last_seq > cursor:  # committed but never published to us: see _backfill
+                    items = await self._backfill(cursor, last_seq, session, type_, kind)
+                    cursor = last_seq
+                    if items:
+                        await self._send(request, response, sub, items)
+                        continue
+                beat = {"kind": "heartbeat", "last_seq": last_seq, "at": iso(time.time())}
                 await self._send(request, response, sub, [beat])
                 continue
             items = []
@@ -721,6 +747,8 @@ class Api:
                 record = sub.buffer.popleft()
                 if record.seq <= cursor:
                     continue
+                if record.seq > cursor + 1:
+                    items += await self._backfill(cursor, record.seq - 1, session, type_, kind)
                 cursor = record.seq
                 if _matches(record, session, type_, kind):
                     items.append(_record_dict(record))

@@ -131,7 +131,7 @@ class BreakerSettings(_Section):
 
 class StoreSettings(_Section):
     state_dir: Path = Field(
-        default_factory=paths.default_state_dir, description="Holds kimi-syncd.db"
+        default_factory=lambda: Path(paths.default_state_dir()), description="Holds kimi-syncd.db"
     )
     retention_days: float = Field(30.0, ge=0, description="Prune events older than this (0: never)")
     max_events: int = Field(5_000_000, ge=0, description="Keep at most this many events (0: all)")
@@ -153,7 +153,9 @@ class OutboxSettings(_Section):
 
 
 class ApiSettings(_Section):
-    socket: Path = Field(default_factory=paths.default_socket, description="Unix socket path")
+    socket: Path = Field(
+        default_factory=lambda: Path(paths.default_socket()), description="Unix socket path"
+    )
     socket_mode: str = Field("0660", description="Octal file mode of the socket")
     write_group: str | None = Field(None, description="Group allowed to enqueue and cancel")
     max_body_bytes: int = Field(1024 * 1024, ge=64, description="Largest request body")
@@ -357,7 +359,8 @@ def load(
     if config_file is not None:
         path, explicit = config_file, True
     else:
-        path, explicit = paths.config_file_from_env(env)
+        name, explicit = paths.config_file_from_env(env)
+        path = Path(name)
     toml_data = _read_toml(path, explicit)
     flag_values = {k: v for k, v in (flags or {}).items() if v is not None}
 

@@ -565,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         description="Talk to the local kimi-syncd daemon.",
         epilog="exit status: 0 ok, 1 error answer, 2 usage, 69 daemon not running, "
-        "75 daemon unhealthy",
+        "75 daemon unhealthy, connection broken or followed stream ended by the daemon",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("status", parents=[common], help="link, breaker, events, outbox, database")
@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "socket", None) is None:
         from kimi_syncd import paths
 
-        args.socket = paths.client_socket(os.environ)
+        args.socket = Path(paths.client_socket(os.environ))
     client = Client(args.socket)
     try:
         return COMMANDS[args.command](client, args)

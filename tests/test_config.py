@@ -82,7 +82,7 @@ def test_config_file_from_env_and_explicit_missing_file(
 
 def test_default_file_in_xdg_config_home(tmp_path: Path) -> None:
     if os.geteuid() == 0:
-        assert paths.default_config_file() == Path("/etc/kimi-syncd/config.toml")
+        assert Path(paths.default_config_file()) == Path("/etc/kimi-syncd/config.toml")
         return
     target = tmp_path / "xdg-config" / "kimi-syncd" / "config.toml"
     target.parent.mkdir(parents=True)
@@ -178,20 +178,20 @@ def test_user_defaults_follow_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     monkeypatch.setattr(paths, "_is_root", lambda: False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "st"))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "rt"))
-    assert paths.default_state_dir() == tmp_path / "st" / "kimi-syncd"
-    assert paths.default_socket() == tmp_path / "rt" / "kimi-syncd.sock"
+    assert Path(paths.default_state_dir()) == tmp_path / "st" / "kimi-syncd"
+    assert Path(paths.default_socket()) == tmp_path / "rt" / "kimi-syncd.sock"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     monkeypatch.delenv("XDG_STATE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert paths.default_state_dir() == tmp_path / "home/.local/state/kimi-syncd"
-    assert paths.default_socket() == Path(f"/tmp/kimi-syncd-{os.geteuid()}/kimi-syncd.sock")
+    assert Path(paths.default_state_dir()) == tmp_path / "home/.local/state/kimi-syncd"
+    assert Path(paths.default_socket()) == Path(f"/tmp/kimi-syncd-{os.geteuid()}/kimi-syncd.sock")
 
 
 def test_root_defaults_follow_fhs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(paths, "_is_root", lambda: True)
-    assert paths.default_state_dir() == Path("/var/lib/kimi-syncd")
-    assert paths.default_socket() == Path("/run/kimi-syncd.sock")
-    assert paths.default_config_file() == Path("/etc/kimi-syncd/config.toml")
+    assert Path(paths.default_state_dir()) == Path("/var/lib/kimi-syncd")
+    assert Path(paths.default_socket()) == Path("/run/kimi-syncd.sock")
+    assert Path(paths.default_config_file()) == Path("/etc/kimi-syncd/config.toml")
 
 
 def test_example_config_documents_exactly_the_model() -> None:
