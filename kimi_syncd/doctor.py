@@ -23,9 +23,11 @@ def _check(
     results.append({"check": name, "result": level, "detail": detail, "hint": hint})
 
 
-def run(socket_path: Path, *, as_json: bool) -> int:
+def run(socket: str | Path, *, as_json: bool) -> int:
     from kimi_syncd import config
     from kimi_syncd.ctl import Client, CtlError
+
+    socket_path = Path(socket)
 
     results: list[dict[str, Any]] = []
     settings = None
