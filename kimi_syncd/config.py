@@ -123,7 +123,7 @@ class ReconnectSettings(_Section):
 
 class BreakerSettings(_Section):
     failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open it")
-    cooldown: float = Field(120.0, gt=0, description="Seconds open before one probe (jittered)")
+    cooldown: float = Field(60.0, gt=0, description="Seconds open before one probe (jittered)")
     min_healthy_seconds: float = Field(
         5.0, ge=0, description="A connection shorter than this counts as a failure"
     )
@@ -137,7 +137,7 @@ class StoreSettings(_Section):
     max_events: int = Field(5_000_000, ge=0, description="Keep at most this many events (0: all)")
     batch_max: int = Field(1000, ge=1, description="Most items committed in one transaction")
     batch_delay_ms: float = Field(2.0, ge=0, description="Wait this long to fill a batch")
-    ingest_queue: int = Field(10_000, ge=1, description="Frames buffered between link and writer")
+    ingest_queue: int = Field(2_000, ge=1, description="Frames buffered between link and writer")
 
     @property
     def db_path(self) -> Path:
@@ -149,7 +149,7 @@ class OutboxSettings(_Section):
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Pending bytes allowed")
     default_ttl: float = Field(7 * 86400.0, ge=0, description="Seconds before expiry (0: never)")
     max_attempts: int = Field(10, ge=1, description="Sends before a message is dead")
-    window: int = Field(256, ge=1, description="Messages sent but not yet confirmed, at most")
+    window: int = Field(2048, ge=1, description="Messages sent but not yet confirmed, at most")
 
 
 class ApiSettings(_Section):

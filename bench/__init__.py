@@ -1,0 +1,1 @@
+"""kimi-syncd benchmarks: `python -m bench` (full, a few minutes) or `python -m bench --quick`."""
