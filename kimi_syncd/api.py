@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kimi_syncd import __version__
+from kimi_syncd import __version__, gauge
 from kimi_syncd.errors import EX_CANTCREAT, FatalError
 from kimi_syncd.store import (
     IdempotencyConflict,
@@ -393,6 +393,7 @@ class Api:
         self.app.router.add_get("/v1/sessions", self.sessions)
         self.app.router.add_get("/v1/sessions/active", self.session_active)
         self.app.router.add_get("/v1/sessions/{id}", self.session)
+        self.app.router.add_get("/v1/gauge", self.gauge)
         self.app.router.add_get("/v1/events", self.events)
         self.app.router.add_post("/v1/outbox", self.enqueue)
         self.app.router.add_get("/v1/outbox", self.outbox_list)
@@ -497,6 +498,28 @@ class Api:
                 404, "no_active_session", "the backend has reported no active session (yet)"
             )
         return web.json_response(session)
+
+    async def gauge(self, request: web.Request) -> web.StreamResponse:
+        """The prompt gauge as one text line, for `curl --unix-socket` in a prompt."""
+        fmt = _text_param(request, "format") or gauge.DEFAULT_FORMAT
+        warn = _float_param(request, "warn")
+        crit = _float_param(request, "crit")
+        color = bool(_bool_param(request, "color", False))
+        marker = _text_param(request, "none") or "kimi ·"
+        sid = self.writer.state.active_session_id
+        session = self.writer.committed_sessions.get(sid) if sid is not None else None
+        try:
+            line = gauge.render(
+                session,
+                fmt,
+                gauge.DEFAULT_WARN if warn is None else warn,
+                gauge.DEFAULT_CRIT if crit is None else crit,
+                color,
+                marker,
+            )
+        except gauge.GaugeFormatError as exc:
+            raise ApiError(400, "bad_parameter", str(exc)) from None
+        return web.Response(text=line + "\n", content_type="text/plain")
 
     async def session(self, request: web.Request) -> web.StreamResponse:
         sid = _path_id(request, "session")

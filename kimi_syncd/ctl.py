@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import sys
+
+from kimi_syncd import gauge
+from kimi_syncd.gauge import DIM, GREEN, RED, RESET, YELLOW
 
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs ~3 ms per prompt
 if TYPE_CHECKING:  # argparse, pathlib and urllib cost ~20 ms at import: not on the gauge path
@@ -30,7 +32,7 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
 EXIT_TEMPFAIL = 75
 
-GREEN, YELLOW, RED, DIM, RESET = "\033[32m", "\033[33m", "\033[31m", "\033[2m", "\033[0m"
+__all__ = ["DIM", "GREEN", "RED", "RESET", "YELLOW", "Client", "CtlError", "main"]
 
 
 class CtlError(Exception):
@@ -224,9 +226,7 @@ def _pct(value: Any) -> str:
     return f"{value:.1f}%" if isinstance(value, (int, float)) else "-"
 
 
-def _context(session: dict[str, Any]) -> dict[str, Any]:
-    ctx = session.get("context")
-    return ctx if isinstance(ctx, dict) else {}
+_context = gauge.context_of
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -513,32 +513,11 @@ def gauge_text(
     color: bool,
     down_marker: str,
 ) -> str:
-    """The gauge line: pure, so it is tested without a daemon."""
-    if session is None:
-        return down_marker
-    ctx = _context(session)
-    pct = ctx.get("percentage")
-    values = {
-        "id": session.get("id"),
-        "name": session.get("name") or f"#{session.get('id')}",
-        "model": session.get("model") or "",
-        "pct": pct if isinstance(pct, (int, float)) else 0.0,
-        "tokens": ctx.get("tokens") or 0,
-        "max": ctx.get("max_context") or 0,
-    }
-    if not isinstance(pct, (int, float)):
-        fmt = re.sub(r"\{pct(?:[:!][^{}]*)?\}", "?", fmt)  # no figure yet: "kimi ?%"
+    """The gauge line (see `kimi_syncd.gauge.render`); a bad --format is a usage error."""
     try:
-        text = fmt.format(**values)
-    except (KeyError, ValueError, IndexError, AttributeError, TypeError) as exc:
-        raise CtlError(f"bad --format {fmt!r}: {exc}", EXIT_USAGE) from None
-    if not color:
-        return text
-    if not isinstance(pct, (int, float)) or isinstance(pct, bool):
-        shade = DIM  # no figure yet: neither good nor bad
-    else:
-        shade = GREEN if pct < warn else (YELLOW if pct < crit else RED)
-    return f"{shade}{text}{RESET}"
+        return gauge.render(session, fmt, warn, crit, color, down_marker)
+    except gauge.GaugeFormatError as exc:
+        raise CtlError(f"{exc} (--format)", EXIT_USAGE) from None
 
 
 def cmd_gauge(client: Client, args: argparse.Namespace | _Args) -> int:

@@ -297,6 +297,24 @@ async def test_sessions_filters_and_lookups(serve: Serve) -> None:
         assert (reply.status, reply.code) == (status, code), target
 
 
+async def test_gauge_endpoint_is_one_text_line(serve: Serve) -> None:
+    srv = await serve()
+    assert (await srv.get("/v1/gauge")).body == "kimi ·\n"  # no active session yet
+    assert (await srv.get("/v1/gauge?none=idle")).body == "idle\n"
+    await srv.ingest(EXAMPLES)
+    active = (await srv.get("/v1/sessions/active")).body
+    pct = active["context"]["percentage"]
+    plain = await srv.get("/v1/gauge")
+    assert plain.status == 200 and plain.headers["Content-Type"].startswith("text/plain")
+    expected = "kimi ?%" if pct is None else f"kimi {pct:.0f}%"
+    assert plain.body == expected + "\n"
+    named = await srv.get("/v1/gauge?format=%7Bname%7D%20%7Bid%7D&color=true&warn=0&crit=0")
+    assert named.body.endswith("\n") and f"{active['name']} 44" in named.body
+    assert "\033[" in named.body  # coloured on request only
+    bad = await srv.get("/v1/gauge?format=%7Bnope%7D")
+    assert (bad.status, bad.code) == (400, "bad_parameter")
+
+
 async def test_events_paging_filters_and_shape(serve: Serve) -> None:
     srv = await serve()
     await srv.ingest(EXAMPLES)
