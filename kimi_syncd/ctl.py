@@ -72,10 +72,27 @@ class Client:
         self.timeout = timeout
 
     def _connect(self) -> socket.socket:
+        import time
+
+        deadline = time.monotonic() + (self.timeout or 10.0)
+        while True:
+            try:
+                return self._connect_once()
+            except BlockingIOError:
+                # EAGAIN: the listen backlog is full for a moment (a burst of clients), the
+                # daemon is there. Try again until the timeout instead of calling it down.
+                if time.monotonic() >= deadline:
+                    raise DaemonDown(self.path, "listen backlog full") from None
+                time.sleep(0.01)
+
+    def _connect_once(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
             sock.connect(str(self.path))
+        except BlockingIOError:
+            sock.close()
+            raise
         except FileNotFoundError:
             sock.close()
             raise DaemonDown(self.path, "no such socket") from None

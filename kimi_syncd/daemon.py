@@ -29,7 +29,7 @@ from kimi_syncd.config import ConfigError, LoadedConfig, Settings
 from kimi_syncd.errors import EX_CONFIG, EX_IOERR, EX_OK, EX_SOFTWARE, FatalError
 from kimi_syncd.link import Link
 from kimi_syncd.metrics import Metrics
-from kimi_syncd.store import Store
+from kimi_syncd.store import Store, StoreUnavailable
 
 log = logging.getLogger("kimi_syncd")
 
@@ -337,15 +337,25 @@ class Daemon:
             return
 
     async def _rescue_database(self) -> None:
-        """Write what our open connection still sees back to the path, then stop."""
+        """Write what our open connection still sees back to the path, then stop.
+
+        Order matters: nothing may be committed (or acknowledged) after the copy, since it
+        would land in the deleted file. So: stop the link (no more frames), refuse new
+        writes (503), let the writer commit what it already holds and stop, and only then
+        copy with `VACUUM INTO` — the last use of the connection.
+        """
         assert self.store is not None
         path = self.store.db_path
         if path.exists():
             log.error("another file now sits at %s; leaving it alone", path)
             return
+        writer = self.store.writer
+        if self.link is not None:
+            await self.link.stop()
+        writer.fatal = StoreUnavailable("the database file was deleted; restarting")
+        await writer.stop()
         try:
-            await self.store.writer.flush()
-            await self.store.writer.db.execute("VACUUM INTO ?", (str(path),))
+            await writer.db.execute("VACUUM INTO ?", (str(path),))
             log.error(
                 "restored %s from the open connection (nothing committed was lost); restarting",
                 path,

@@ -14,11 +14,14 @@
 #        tests/system/probe.py (kimi_syncd.systemd + asyncio + SQLite in the full sandbox);
 #        usable before the daemon exists; system units, and user units under a lingering
 #        user's manager (installed with install-service.sh --user)
-#      - kimi-syncd itself, once kimi_syncd.daemon is importable
+#      - kimi-syncd itself, once kimi_syncd.daemon is importable, with a test drop-in
+#        (WatchdogSec=3s, upstream = kimi_syncd.sim run inside the container after the reboot)
 #      readiness (start returns only after READY=1), lazy socket activation on the first
 #      API call, SIGKILL -> restart, watchdog stall -> restart, exit 78 -> no crash loop,
 #      reload, clean stop, optional credential, socket access by group, an outbox message
-#      kept across SIGKILL, a container reboot that keeps the SQLite databases, and last
+#      kept across SIGKILL, a SIGSTOPped daemon restarted by the watchdog, a container reboot
+#      that keeps the SQLite databases, messages queued before it delivered to the sim once it
+#      is up, and last
 #      uninstall-service.sh (--user, and --purge).
 # Exits 0 with "SKIP: ..." when it cannot run here (not root, no nspawn/debootstrap, no boot).
 # Environment: KIMI_SYSTEST_CACHE (default /var/cache/kimi-syncd-systest), KEEP=1 leaves
@@ -384,10 +387,93 @@ check "user probe: database in ~/.local/state/kimi-syncd" user_state_dir
 user_probe_starts=$(get kimi-syncd-probe /v1/health | field starts) || true
 MODE=system
 
+# The real daemon, with a test drop-in: a short watchdog (and SIGKILL soon after the
+# SIGABRT a SIGSTOPped process cannot act on), and the simulated backend as its upstream,
+# started inside the container only after the reboot. Fast reconnects, so the wait is short.
+SIM_PORT=18765
+SIM_RECORD=/tmp/kimi-syncd-sim.jsonl
+N_QUEUED=3
+QUEUED_IDS=""
+install_daemon_dropin() {
+    local drop=$TREE/etc/systemd/system/kimi-syncd.service.d
+    mkdir -p "$drop"
+    printf '%s\n' '[Service]' 'WatchdogSec=3s' 'TimeoutAbortSec=5s' \
+        "Environment=KIMI_SYNCD_UPSTREAM__URL=ws://127.0.0.1:$SIM_PORT/ws" \
+        'Environment=KIMI_SYNCD_RECONNECT__MAX_DELAY=1 KIMI_SYNCD_BREAKER__COOLDOWN=2' \
+        >"$drop/systest.conf"
+    ct systemctl daemon-reload
+    prop kimi-syncd.service DropInPaths | grep -q systest.conf
+}
+outbox_state() { get kimi-syncd "/v1/outbox/$1" | field state; }
+daemon_watchdog() {
+    local pid restarts since
+    get kimi-syncd /v1/health >/dev/null
+    is kimi-syncd.service SubState running
+    is kimi-syncd.service WatchdogUSec 3s # while running; "infinity" when inactive
+    pid=$(prop kimi-syncd.service MainPID) restarts=$(prop kimi-syncd.service NRestarts)
+    since=$(ct date '+%Y-%m-%d %H:%M:%S')
+    sleep 1 # journalctl --since has a 1 s resolution
+    ct systemctl kill -s STOP kimi-syncd.service
+    # 3 s without WATCHDOG=1, SIGABRT (+SIGCONT), RestartSec=2s, then READY=1 again.
+    eventually 30 is kimi-syncd.service NRestarts $((restarts + 1))
+    eventually 20 is kimi-syncd.service SubState running
+    [ "$(prop kimi-syncd.service MainPID)" != "$pid" ]
+    local journal
+    journal=$(ct journalctl -u kimi-syncd --since "$since" --no-pager)
+    echo "$journal"
+    grep -q 'Watchdog timeout' <<<"$journal"
+    grep -q "Failed with result 'watchdog'" <<<"$journal"
+    get kimi-syncd /v1/health
+}
+queue_for_reboot() {
+    local n id
+    if ct systemctl is-active kimi-syncd-sim.service; then return 1; fi # no backend
+    for n in $(seq "$N_QUEUED"); do
+        id=$(ct curl -sS --fail --max-time 10 --unix-socket /run/kimi-syncd.sock \
+            -H 'Content-Type: application/json' \
+            -d "{\"type\":\"memory_compress_preview\",\"requestId\":\"sys-$n\"}" \
+            http://kimi/v1/outbox | field id)
+        echo "sys-$n: outbox id $id"
+        QUEUED_IDS="$QUEUED_IDS $id"
+    done
+    for id in $QUEUED_IDS; do [ "$(outbox_state "$id")" = queued ]; done
+    # A check runs in a subshell: hand the ids back through a file.
+    echo "$QUEUED_IDS" >"$WORK/queued-ids"
+}
+all_delivered() {
+    local id
+    for id in $QUEUED_IDS; do [ "$(outbox_state "$id")" = delivered ] || return 1; done
+}
+delivered_after_reboot() {
+    local id
+    QUEUED_IDS=$(cat "$WORK/queued-ids")
+    [ -n "${QUEUED_IDS// /}" ]
+    get kimi-syncd /v1/health >/dev/null # the daemon runs (and retries) before the backend
+    for id in $QUEUED_IDS; do [ "$(outbox_state "$id")" = queued ]; done
+    ct rm -f "$SIM_RECORD"
+    ct systemd-run --unit=kimi-syncd-sim --collect /opt/kimi-syncd/bin/python -m kimi_syncd.sim \
+        --port "$SIM_PORT" --rate 0 --record "$SIM_RECORD"
+    eventually 45 all_delivered
+    ct cat "$SIM_RECORD"
+    ct cat "$SIM_RECORD" | "$HOST_PY" -c '
+import json, sys
+want = {"sys-%d" % n for n in range(1, int(sys.argv[1]) + 1)}
+got = set()
+for line in sys.stdin:
+    body = json.loads(json.loads(line)["text"])
+    if body.get("type") == "memory_compress_preview":
+        got.add(body.get("requestId"))
+assert want <= got, (sorted(want - got), sorted(got))' "$N_QUEUED"
+    for id in $QUEUED_IDS; do get kimi-syncd "/v1/outbox/$id"; echo; done
+    ct systemctl stop kimi-syncd-sim.service
+}
+
 DAEMON=0
 if ct /opt/kimi-syncd/bin/python -c 'import kimi_syncd.daemon' >/dev/null 2>&1; then
     DAEMON=1
     db_fingerprint() { ct sh -c 'cd /var/lib/private/kimi-syncd && ls -i *.db *.sqlite* 2>/dev/null | sort'; }
+    check "kimi-syncd: test drop-in (WatchdogSec=3s, upstream = the in-container sim)" \
+        install_daemon_dropin
     check "kimi-syncd: lazy socket activation on the first API call" lazy_activation kimi-syncd
     check "kimi-syncd: systemctl start returns only after READY=1" start_waits_for_ready kimi-syncd 0
     # An accepted outbox message is durable: it survives SIGKILL and, below, a reboot.
@@ -397,6 +483,9 @@ if ct /opt/kimi-syncd/bin/python -c 'import kimi_syncd.daemon' >/dev/null 2>&1; 
     check "kimi-syncd: systemctl kill -s KILL -> restarted" restarts_after_kill kimi-syncd
     check "kimi-syncd: outbox message kept across SIGKILL" \
         ct curl -sS --fail --unix-socket /run/kimi-syncd.sock "http://kimi/v1/outbox/$outbox_id"
+    check "kimi-syncd: event loop stalled (SIGSTOP) -> watchdog -> restarted" daemon_watchdog
+    # Queued with no backend running: delivered to the sim after the reboot, below.
+    check "kimi-syncd: $N_QUEUED messages queued while no backend is up" queue_for_reboot
     check "kimi-syncd: SIGTERM -> exit 0, socket still listening" stops_cleanly kimi-syncd
     daemon_db=$(db_fingerprint) || true
     check "kimi-syncd: database in /var/lib/kimi-syncd" test -n "$daemon_db"
@@ -425,6 +514,9 @@ if boot; then
     MODE=system
     [ "$DAEMON" = 0 ] ||
         check "kimi-syncd: socket listening after reboot, database kept" after_reboot_daemon
+    [ "$DAEMON" = 0 ] ||
+        check "kimi-syncd: messages queued before the reboot delivered once the backend is up" \
+            delivered_after_reboot
 else
     FAILED=$((FAILED + 1))
     say "FAIL container reboot (see $WORK/console.log)"
