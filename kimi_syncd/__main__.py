@@ -20,7 +20,8 @@ and every outgoing message in SQLite, and serves per-session state on a local Un
 With no command it runs in the foreground (stop it with Ctrl-C or SIGTERM)."""
 
 EPILOG = """\
-exit status: 0 ok, 65 corrupt database, 73 cannot create state/socket, 74 database vanished,
+exit status: 0 ok, 65 corrupt database, 66 no database (rebuild), 73 cannot create
+state/socket, 74 database failed or vanished, 75 database in use by another process,
 78 configuration error.  Configuration: flags > KIMI_SYNCD_* env > TOML file > defaults."""
 
 

@@ -13,7 +13,7 @@ EX_UNAVAILABLE = 69  # (ctl) the daemon is not running
 EX_SOFTWARE = 70  # a bug: an unexpected exception
 EX_CANTCREAT = 73  # the state directory or database cannot be created / written
 EX_IOERR = 74  # the database file vanished or an unrecoverable I/O error
-EX_TEMPFAIL = 75  # (ctl) the daemon answered 5xx / try again
+EX_TEMPFAIL = 75  # the database is locked by another kimi-syncd; (ctl) the daemon answered 5xx
 EX_CONFIG = 78  # configuration error
 
 

@@ -87,9 +87,18 @@ def prepare_state_dir(state_dir: Path) -> None:
             f"cannot create state directory {state_dir}: {exc.strerror or exc}", EX_CANTCREAT
         ) from None
     if not os.access(state_dir, os.W_OK | os.X_OK):
+        read_only = False
+        with contextlib.suppress(OSError):
+            read_only = bool(os.statvfs(state_dir).f_flag & os.ST_RDONLY)
+        if read_only:
+            raise FatalError(
+                f"state directory {state_dir} is on a read-only file system: remount it "
+                "read-write or set store.state_dir",
+                EX_CANTCREAT,
+            )
         raise FatalError(
             f"state directory {state_dir} is not writable by uid {os.geteuid()}: fix its "
-            "ownership/permissions or set store.state_dir",
+            "ownership/permissions (or immutable flag) or set store.state_dir",
             EX_CANTCREAT,
         )
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from kimi_syncd.store.db import open_reader
+from kimi_syncd.store.db import StoreUnavailable, open_reader
 from kimi_syncd.timefmt import iso
+
+log = logging.getLogger(__name__)
 
 EVENT_COLUMNS = "seq, received_at, conn_id, kind, type, session_id, invalid, body"
 OUTBOX_COLUMNS = (
@@ -29,6 +32,8 @@ class Reader:
         self.pool_size = pool_size
         self._pool: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all: list[aiosqlite.Connection] = []
+        self._tasks: set[asyncio.Task[Any]] = set()  # shielded queries and replacements
+        self._closing = asyncio.Event()
 
     async def open(self) -> None:
         for _ in range(self.pool_size):
@@ -37,6 +42,15 @@ class Reader:
             self._pool.put_nowait(conn)
 
     async def close(self) -> None:
+        self._closing.set()
+        # Queries still running are cancelled (closing their connection below finalizes
+        # what they leave behind); replacements see `_closing` and stop by themselves (a
+        # cancelled one could leak a half-opened connection and its thread).
+        while self._tasks:
+            for task in self._tasks:
+                if task.get_name() != "reader-replace":
+                    task.cancel()
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         for conn in self._all:
             with contextlib.suppress(sqlite3.Error, ValueError):
                 await conn.close()
@@ -44,21 +58,83 @@ class Reader:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A pooled connection; one that comes back after an error or a cancellation is
+        replaced, not reused (see `_replace`)."""
+        if self._closing.is_set():
+            # Fail at once: after close the pool only shrinks, and a read would wait forever.
+            raise StoreUnavailable("the store is closed", "store_unavailable")
         conn = await self._pool.get()
+        clean = False
         try:
             yield conn
+            clean = True
         finally:
-            self._pool.put_nowait(conn)
+            if clean:
+                self._pool.put_nowait(conn)
+            else:
+                self._spawn(self._replace(conn), name="reader-replace")
+
+    async def _replace(self, conn: aiosqlite.Connection) -> None:
+        """Close a connection that may still hold an unfinished statement; pool a new one.
+
+        A statement that was never reset (its cursor lost when the caller was cancelled
+        mid-query) keeps its read transaction open: every later query on that connection
+        would see the database as it was then (stale outbox rows: messages sent twice), and
+        the WAL could never be checkpointed past it. Closing finalizes the statement.
+        """
+        with contextlib.suppress(sqlite3.Error, ValueError):
+            await conn.close()
+        if conn in self._all:
+            self._all.remove(conn)
+        # Keep the pool at its size: with no connection left every read would wait forever.
+        delay = 0.1
+        while not self._closing.is_set():
+            try:
+                fresh = await open_reader(self.db_path)
+            except sqlite3.Error as exc:
+                log.warning("cannot reopen a read connection (retrying): %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._closing.is_set():
+                await fresh.close()
+                return
+            self._all.append(fresh)
+            self._pool.put_nowait(fresh)
+            return
+
+    def _spawn(
+        self, coro: Coroutine[Any, Any, Any], name: str = "reader-query"
+    ) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("reader job failed: %r", task.exception())
 
     async def fetchall(
         self, sql: str, params: tuple[Any, ...] | list[Any] = ()
     ) -> list[sqlite3.Row]:
+        # Shielded: a caller cancelled mid-query (a client hung up, the link dropped) must
+        # not cut the query off between its statement and its cursor's close; it finishes
+        # in the background and hands the connection back clean.
+        return await asyncio.shield(self._spawn(self._fetchall(sql, params)))
+
+    async def _fetchall(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[sqlite3.Row]:
         async with self.connection() as conn, conn.execute(sql, params) as cur:
             return list(await cur.fetchall())
 
     async def fetchone(
         self, sql: str, params: tuple[Any, ...] | list[Any] = ()
     ) -> sqlite3.Row | None:
+        return await asyncio.shield(self._spawn(self._fetchone(sql, params)))
+
+    async def _fetchone(self, sql: str, params: tuple[Any, ...] | list[Any]) -> sqlite3.Row | None:
         async with self.connection() as conn, conn.execute(sql, params) as cur:
             return await cur.fetchone()
 

@@ -446,22 +446,22 @@ class Writer:
     async def _loop(self) -> None:
         retry_delay = 0.25
         pending_frames: list[Frame | LinkEvent] = []
+        # After a batch failed on one item SQLite cannot store (an integer beyond 64 bits,
+        # say), this many items are committed one per transaction to find the offender.
+        isolate = 0
         while True:
             probe = False
             if not (self._ingest or self._control or pending_frames):
                 self._idle.set()
                 if self._stopping:
                     return
-                self._wake.clear()
                 if self.fault is None:
+                    self._wake.clear()
                     await self._wake.wait()
                     continue
                 # A fault and nothing to retry: enqueue is refused while the fault lasts, so
-                # nothing would ever find out that space came back. Probe on our own.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), retry_delay)
-                if self._ingest or self._control or self._stopping:
-                    continue
+                # nothing would ever find out that space came back. Probe on our own (the
+                # failure path has just waited `retry_delay`, so this is not a busy loop).
                 probe = True
             if (
                 self.batch_delay > 0
@@ -473,14 +473,23 @@ class Writer:
             ):
                 # Only frames waiting: give the batch a moment to fill (fewer fsyncs).
                 await asyncio.sleep(self.batch_delay)
-            control = [
-                self._control.popleft() for _ in range(min(len(self._control), self.batch_max))
-            ]
-            room = max(self.batch_max - len(control) - len(pending_frames), 0)
-            frames = pending_frames + [
-                self._ingest.popleft() for _ in range(min(len(self._ingest), room))
-            ]
-            pending_frames = []
+            if isolate > 0 and not probe:
+                control, frames = [], []
+                if self._control:
+                    control = [self._control.popleft()]
+                elif pending_frames:
+                    frames, pending_frames = pending_frames[:1], pending_frames[1:]
+                elif self._ingest:
+                    frames = [self._ingest.popleft()]
+            else:
+                control = [
+                    self._control.popleft() for _ in range(min(len(self._control), self.batch_max))
+                ]
+                room = max(self.batch_max - len(control) - len(pending_frames), 0)
+                frames = pending_frames + [
+                    self._ingest.popleft() for _ in range(min(len(self._ingest), room))
+                ]
+                pending_frames = []
             if len(self._ingest) < self.ingest_max:
                 self._space.set()
             try:
@@ -493,6 +502,19 @@ class Writer:
                     raise
                 await self._rollback()
                 self._progress.set()
+                if _is_bad_data(exc):
+                    if len(frames) + len(control) > 1:
+                        log.warning("a batch could not be stored (%s); retrying item by item", exc)
+                        self._control.extendleft(reversed(control))
+                        pending_frames = frames + pending_frames
+                        isolate = len(frames) + len(control)
+                        continue
+                    pending_frames = [self._unstorable(f, exc) for f in frames] + pending_frames
+                    self._fail_control(
+                        control,
+                        StoreUnavailable(f"this request cannot be stored: {exc}", "unstorable"),
+                    )
+                    continue
                 if is_corrupt(exc) or not is_transient(exc):
                     self.fatal = exc
                     self.fault = f"database error: {exc}"
@@ -513,7 +535,7 @@ class Writer:
                 # Callers waiting for an acknowledgement get an error now; nothing of theirs
                 # was acknowledged. Received frames and bookkeeping are kept and retried.
                 self._fail_control(control, StoreUnavailable(self.fault, code), keep_progress=True)
-                pending_frames = frames
+                pending_frames = frames + pending_frames
                 if self._stopping and retry_delay > 2:
                     log.error(
                         "stopping with %d received frames uncommitted (%s)",
@@ -525,11 +547,29 @@ class Writer:
                 retry_delay = min(retry_delay * 2, 5.0)
                 continue
             self._progress.set()
+            if isolate > 0 and not probe:
+                isolate -= 1
             if self.fault is not None:
                 log.warning("database writable again; ingest resumed")
                 self.fault = None
                 self.fault_code = None
             retry_delay = 0.25
+
+    @staticmethod
+    def _unstorable(item: Frame | LinkEvent, exc: BaseException) -> Frame | LinkEvent:
+        """The frame SQLite refused becomes a rejected frame: recorded with why, never fatal."""
+        if isinstance(item, LinkEvent):
+            return LinkEvent(item.type, {"error": "unstorable"}, item.received_at, item.conn_id)
+        decoded = item.decoded
+        text = decoded.text if isinstance(decoded, protocol.Event) else decoded.excerpt
+        log.warning("rejected a frame SQLite cannot store: %s", exc)
+        return Frame(
+            protocol.Rejected(
+                "unstorable", f"{type(exc).__name__}: {exc}", protocol.redact_excerpt(text[:200])
+            ),
+            item.received_at,
+            item.conn_id,
+        )
 
     def _fail_control(
         self, control: list[_Control], exc: Exception, *, keep_progress: bool = False
@@ -746,17 +786,18 @@ class Writer:
         Returns (result or exception for the waiter, outbox state deltas, pending byte delta).
         """
         db = self.db
-        if isinstance(item, (_Enqueue, _Call)):
-            # Enqueues and maintenance jobs can fail on their own (a constraint, a bug in a
-            # replay): a savepoint confines that to their caller instead of the whole batch
-            # and everybody else's acknowledgement. Disk full, I/O errors and corruption still
-            # abort the whole transaction: those are retried or fatal for everyone.
+        if isinstance(item, _Enqueue):
+            # No savepoint here (it would cost two more round trips per acknowledged message):
+            # every refusal (conflict, full, duplicate key) is decided before the first INSERT.
+            return await self._enqueue_rows(item.messages, batch)
+        if isinstance(item, _Call):
+            # Maintenance jobs can fail on their own (a bug in a replay, a job that gives up
+            # half-way): a savepoint confines that to their caller instead of failing the
+            # whole batch and everybody else's acknowledgement. Disk full, I/O errors and
+            # corruption still abort the whole transaction: retried or fatal for everyone.
             await db.execute("SAVEPOINT item")
             try:
-                if isinstance(item, _Enqueue):
-                    result = await self._enqueue_rows(item.messages, batch)
-                else:
-                    result = await self._run_call(item, batch)
+                result = await self._run_call(item, batch)
             except Exception as exc:
                 if isinstance(exc, sqlite3.Error) and (is_transient(exc) or is_corrupt(exc)):
                     raise
@@ -848,30 +889,34 @@ class Writer:
                 0,
             )
         ids: Iterator[int] = iter([])
-        if new_rows:
-            await db.executemany(
-                "INSERT INTO outbox (type, body, size, state, created_at, updated_at, "
-                "expires_at, caller_uid, idem_key, idem_hash) "
-                "VALUES (?,?,?,'queued',?,?,?,?,?,?)",
-                [
-                    (
-                        m.type,
-                        m.body,
-                        len(m.body.encode()),
-                        now,
-                        now,
-                        m.expires_at,
-                        m.caller_uid,
-                        m.idem_key,
-                        m.idem_hash,
-                    )
-                    for m in new_rows
-                ],
+        insert = (
+            "INSERT INTO outbox (type, body, size, state, created_at, updated_at, "
+            "expires_at, caller_uid, idem_key, idem_hash) VALUES (?,?,?,'queued',?,?,?,?,?,?)"
+        )
+        rows = [
+            (
+                m.type,
+                m.body,
+                len(m.body.encode()),
+                now,
+                now,
+                m.expires_at,
+                m.caller_uid,
+                m.idem_key,
+                m.idem_hash,
             )
+            for m in new_rows
+        ]
+        if len(rows) == 1:  # the common case: one round trip to the writer thread, not two
+            cur = await db.execute(insert, rows[0])
+            ids = iter([int(cur.lastrowid or 0)])
+        elif rows:
+            await db.executemany(insert, rows)
+            # Rowids of one statement in one transaction are consecutive (max(rowid) + 1 each).
             async with db.execute("SELECT last_insert_rowid()") as cur:
                 row = await cur.fetchone()
             last = int(row[0]) if row else 0
-            ids = iter(range(last - len(new_rows) + 1, last + 1))
+            ids = iter(range(last - len(rows) + 1, last + 1))
         for result in results:
             if result.created:
                 result.id = next(ids)
@@ -1071,3 +1116,12 @@ class Writer:
 
 def rows_to_dicts(rows: Iterable[sqlite3.Row]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
+
+
+def _is_bad_data(exc: BaseException) -> bool:
+    """Errors caused by one item's values (not by the database): isolate, never fatal."""
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError)):
+        return True
+    return isinstance(exc, (OverflowError, UnicodeEncodeError, TypeError)) and not isinstance(
+        exc, sqlite3.Error
+    )
