@@ -626,8 +626,12 @@ class Link:
                     await waiter
             except TimeoutError:
                 raise _timeout_ended(timeout, " after sending") from None
-            self.writer.transition(ids, "delivered")
+            committed = self.writer.transition(ids, "delivered", wait=True)
             self.delivered += len(ids)
+            if committed is not None:
+                # Free the window only once "delivered" is on disk: after a crash, at most
+                # one window of messages is sent again.
+                await committed
             window.unconfirmed -= len(ids)
             window.room.set()
 

@@ -131,7 +131,7 @@ _Control = _Enqueue | _Transition | _ConnOpened | _ConnClosed | _Call
 def _bookkeeping(item: _Control) -> bool:
     """Link progress records: kept and retried across a transient fault, never failed."""
     if isinstance(item, _Transition):
-        return item.future is None  # a cancel() has a caller to answer
+        return item.to != "cancelled"  # a cancel() has a caller to answer now
     return isinstance(item, (_ConnOpened, _ConnClosed))
 
 
@@ -366,10 +366,18 @@ class Writer:
         *,
         reason: str | None = None,
         conn_id: int | None = None,
-    ) -> None:
-        """Record outbox progress (sent, delivered, expired, dead) without waiting."""
-        if ids:
-            self._submit(_Transition(list(ids), to, time.time(), reason, conn_id))
+        wait: bool = False,
+    ) -> asyncio.Future[list[int]] | None:
+        """Record outbox progress (sent, delivered, expired, dead).
+
+        With `wait`, returns a future resolved once the change is committed (it survives
+        transient faults: it is retried, not failed); otherwise nothing to wait for.
+        """
+        if not ids:
+            return None
+        fut = asyncio.get_running_loop().create_future() if wait else None
+        self._submit(_Transition(list(ids), to, time.time(), reason, conn_id, future=fut))
+        return fut
 
     async def cancel(self, message_id: int) -> bool:
         fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
