@@ -334,6 +334,10 @@ def _message_from_json(text: str, where: str) -> tuple[str, str]:
     return type_, body
 
 
+def _json_text(text: str) -> web.Response:
+    return web.Response(text=text, content_type="application/json")
+
+
 def outbox_dict(row: Any) -> dict[str, Any]:
     try:
         body: Any = json.loads(row["body"])
@@ -472,32 +476,33 @@ class Api:
                 out["outbox"]["oldest_pending_age_s"] = round(max(time.time() - created, 0), 3)
         return web.json_response(out)
 
-    def _session_list(self, *, active: bool | None, include_deleted: bool) -> list[dict[str, Any]]:
+    def _session_texts(self, *, active: bool | None, include_deleted: bool) -> list[str]:
+        committed = self.writer.committed_sessions
         items = []
-        for sid in sorted(self.writer.committed_sessions):
-            session = self.writer.committed_sessions[sid]
-            if session.get("deleted") and not include_deleted:
+        for sid in sorted(committed.texts):
+            is_active, is_deleted = committed.flags[sid]
+            if is_deleted and not include_deleted:
                 continue
-            if active is not None and bool(session.get("active")) != active:
+            if active is not None and is_active != active:
                 continue
-            items.append(session)
+            items.append(committed.texts[sid])
         return items
 
     async def sessions(self, request: web.Request) -> web.StreamResponse:
         active = _bool_param(request, "active", None)
         include_deleted = bool(_bool_param(request, "include_deleted", False))
-        return web.json_response(
-            {"sessions": self._session_list(active=active, include_deleted=include_deleted)}
-        )
+        # The committed rows are JSON text already: splice them, don't parse and re-dump.
+        texts = self._session_texts(active=active, include_deleted=include_deleted)
+        return _json_text('{"sessions":[' + ",".join(texts) + "]}")
 
     async def session_active(self, request: web.Request) -> web.StreamResponse:
         sid = self.writer.state.active_session_id
-        session = self.writer.committed_sessions.get(sid) if sid is not None else None
-        if session is None:
+        text = self.writer.committed_sessions.text(sid) if sid is not None else None
+        if text is None:
             raise ApiError(
                 404, "no_active_session", "the backend has reported no active session (yet)"
             )
-        return web.json_response(session)
+        return _json_text(text)
 
     async def gauge(self, request: web.Request) -> web.StreamResponse:
         """The prompt gauge as one text line, for `curl --unix-socket` in a prompt."""
@@ -523,10 +528,10 @@ class Api:
 
     async def session(self, request: web.Request) -> web.StreamResponse:
         sid = _path_id(request, "session")
-        session = self.writer.committed_sessions.get(sid)
-        if session is None:
+        text = self.writer.committed_sessions.text(sid)
+        if text is None:
             raise ApiError(404, "no_such_session", f"no session {sid} has been seen")
-        return web.json_response(session)
+        return _json_text(text)
 
     async def connections(self, request: web.Request) -> web.StreamResponse:
         limit = _int_param(request, "limit", 20, lo=1, hi=1000) or 20
