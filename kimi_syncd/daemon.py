@@ -26,7 +26,7 @@ from aiohttp import web
 from kimi_syncd import __version__, config, systemd
 from kimi_syncd.api import Access, Api, bind_unix_socket
 from kimi_syncd.config import ConfigError, LoadedConfig, Settings
-from kimi_syncd.errors import EX_CONFIG, EX_IOERR, EX_OK, EX_SOFTWARE, FatalError
+from kimi_syncd.errors import EX_CONFIG, EX_DATAERR, EX_IOERR, EX_OK, EX_SOFTWARE, FatalError
 from kimi_syncd.link import Link
 from kimi_syncd.metrics import Metrics
 from kimi_syncd.store import Store, StoreUnavailable
@@ -195,6 +195,8 @@ class Daemon:
             asyncio.create_task(self._status_loop(), name="status"),
             asyncio.create_task(self._db_watch_loop(), name="db-watch"),
         ]
+        if not self.store.checked_at_open:
+            self._tasks.append(asyncio.create_task(self._background_check(), name="quick-check"))
         interval = systemd.watchdog_interval()
         if interval is not None:
             self._tasks.append(asyncio.create_task(self._watchdog_loop(interval), name="watchdog"))
@@ -303,6 +305,25 @@ class Daemon:
             except Exception as exc:  # reported, retried next round
                 log.warning("retention step failed: %s", exc)
             await asyncio.sleep(PRUNE_EVERY)
+
+    async def _background_check(self) -> None:
+        """After a clean shutdown the integrity check runs here, not before READY."""
+        assert self.store is not None
+        try:
+            rows = await self.store.reader.quick_check()
+        except Exception as exc:
+            rows = [str(exc)]
+        if rows == ["ok"]:
+            log.info("database quick_check ok")
+            return
+        log.error(
+            "database %s is corrupt (quick_check: %s); stopping. Move it aside to start "
+            "afresh, or try `sqlite3 kimi-syncd.db .recover`",
+            self.store.db_path,
+            "; ".join(rows[:3]),
+        )
+        self.exit_code = EX_DATAERR
+        self.should_exit.set()
 
     @staticmethod
     def _inode(path: Path) -> tuple[int, int] | None:

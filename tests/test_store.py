@@ -1116,3 +1116,31 @@ async def test_an_unstorable_frame_is_rejected_not_fatal(store: Store) -> None:
     # ...and the store still takes writes.
     (result,) = await writer.enqueue([NewMessage("x", '{"type":"x"}', None, None)])
     assert result.created
+
+
+async def test_quick_check_before_ready_unless_closed_cleanly_and_untouched(
+    open_store: Callable[..., Any],
+) -> None:
+    from kimi_syncd.store.db import clean_marker
+
+    first = await open_store()
+    assert first.checked_at_open  # a new database
+    (result,) = await first.writer.enqueue([NewMessage("x", '{"type":"x"}', None, None)])
+    await first.close()
+    marker = clean_marker(first.db_path)
+    assert marker.exists()
+    second = await open_store()
+    assert not second.checked_at_open  # clean close, untouched: checked after READY
+    assert not marker.exists()  # a crash from here on means a full check next time
+    assert await second.reader.quick_check() == ["ok"]
+    await second.close()
+    os.utime(first.db_path)  # touched by someone else since the clean close
+    third = await open_store()
+    assert third.checked_at_open
+    third.writer.fatal = RuntimeError("simulated crash: no clean close")
+    await third.close()
+    assert not marker.exists()
+    fourth = await open_store()
+    assert fourth.checked_at_open
+    row = await fourth.reader.outbox_get(result.id)
+    assert row is not None

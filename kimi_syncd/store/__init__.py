@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kimi_syncd.config import OutboxSettings, StoreSettings
-from kimi_syncd.store.db import DbLock, StoreUnavailable, open_writer
+from kimi_syncd.store.db import DbLock, StoreUnavailable, mark_clean, open_writer
 from kimi_syncd.store.reader import Reader
 from kimi_syncd.store.writer import (
     EnqueueResult,
@@ -44,6 +44,9 @@ class Store:
         self.writer = writer
         self.reader = reader
         self._lock = lock
+        # False after a clean shutdown: quick_check is then the caller's to run, in the
+        # background (Reader.quick_check), not on the path to READY.
+        self.checked_at_open = True
 
     @classmethod
     async def open(
@@ -55,7 +58,7 @@ class Store:
         reader_pool: int = 2,
     ) -> Store:
         db_path = store.db_path
-        db, lock = await open_writer(db_path, on_long_migration=on_long_migration)
+        db, lock, checked = await open_writer(db_path, on_long_migration=on_long_migration)
         writer = Writer(
             db,
             batch_max=store.batch_max,
@@ -74,17 +77,24 @@ class Store:
             lock.release()
             raise
         writer.start()
-        return cls(db_path, writer, reader, lock)
+        opened = cls(db_path, writer, reader, lock)
+        opened.checked_at_open = checked
+        return opened
 
     async def close(self) -> None:
         """Commit what was handed over, checkpoint, close every connection."""
         await self.writer.stop()
         await self.reader.close()
+        clean = False
         with contextlib.suppress(sqlite3.Error, ValueError):
-            if self.writer.fatal is None:
+            if self.writer.fatal is None and self.writer.fault is None:
                 await self.writer.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                clean = True
         with contextlib.suppress(sqlite3.Error, ValueError):
             await self.writer.db.close()
+        if clean and self.db_path.exists():
+            with contextlib.suppress(OSError):
+                mark_clean(self.db_path)
         # Only now may another process (a restarted daemon, an offline rebuild) write.
         if self._lock is not None:
             self._lock.release()

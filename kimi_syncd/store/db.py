@@ -159,18 +159,58 @@ def _uri(db_path: Path, mode: str) -> str:
     return f"file:{urllib.parse.quote(str(db_path))}?mode={mode}"
 
 
+CLEAN_SUFFIX = ".clean"
+
+
+def clean_marker(db_path: Path) -> Path:
+    """Present only between a clean close and the next open (see `open_writer`)."""
+    return db_path.with_name(db_path.name + CLEAN_SUFFIX)
+
+
+def _fingerprint(db_path: Path) -> str:
+    st = db_path.stat()
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+
+
+def mark_clean(db_path: Path) -> None:
+    """Record a clean close, with the file's size, mtime and inode at that moment."""
+    marker = clean_marker(db_path)
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, _fingerprint(db_path).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _closed_cleanly(db_path: Path) -> bool:
+    """True when the last close was clean AND nothing touched the file since."""
+    marker = clean_marker(db_path)
+    try:
+        recorded = marker.read_text().strip()
+        marker.unlink()  # from here on a crash must lead to a full check at the next start
+        wal = db_path.with_name(db_path.name + "-wal")
+        unchanged = recorded == _fingerprint(db_path)
+        return unchanged and (not wal.exists() or wal.stat().st_size == 0)
+    except OSError:
+        return False
+
+
 async def open_writer(
     db_path: Path, *, on_long_migration: Callable[[], object] | None = None
-) -> tuple[aiosqlite.Connection, DbLock]:
+) -> tuple[aiosqlite.Connection, DbLock, bool]:
     """Open (creating or migrating) the database for writing; raise FatalError when unusable.
 
-    Returns the connection and the lock that proves it is the only writer; release the lock
-    after closing the connection.
+    Returns the connection, the lock that proves it is the only writer (release it after
+    closing the connection), and whether `PRAGMA quick_check` already ran. It runs here,
+    before anything is written, unless the last run closed cleanly: reading a large file
+    costs seconds, and the daemon then runs it in the background after READY instead.
     """
     prepare_state_dir(db_path.parent)
     lock = DbLock.acquire(db_path)
     try:
-        version = await asyncio.to_thread(_probe, db_path) if db_path.exists() else None
+        clean = _closed_cleanly(db_path)
+        version = await asyncio.to_thread(_probe, db_path, not clean) if db_path.exists() else None
         try:
             db = await aiosqlite.connect(db_path, isolation_level=None)
         except sqlite3.Error as exc:
@@ -183,10 +223,10 @@ async def open_writer(
     except BaseException:
         lock.release()
         raise
-    return db, lock
+    return db, lock, not clean or version is None
 
 
-def _probe(db_path: Path) -> int:
+def _probe(db_path: Path, quick_check: bool = True) -> int:
     """Check an existing file before anything may write to it; return its schema version.
 
     This runs on a READ-ONLY connection on purpose: a file we refuse (corrupt, foreign, too
@@ -198,7 +238,9 @@ def _probe(db_path: Path) -> int:
     except sqlite3.Error as exc:
         raise _classify_open_error(exc, db_path) from None
     try:
-        rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+        rows = ["ok"]
+        if quick_check:
+            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
         if rows != ["ok"]:
             raise FatalError(
                 f"database {db_path} is corrupt (quick_check: {'; '.join(rows[:3])}). "

@@ -215,6 +215,9 @@ class Reader:
     async def connections(self, limit: int = 20) -> list[sqlite3.Row]:
         return await self.fetchall("SELECT * FROM connections ORDER BY id DESC LIMIT ?", (limit,))
 
+    async def quick_check(self) -> list[str]:
+        return [str(r[0]) for r in await self.fetchall("PRAGMA quick_check")]
+
     async def integrity_check(self) -> list[str]:
         return [str(r[0]) for r in await self.fetchall("PRAGMA integrity_check")]
 
