@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             ctl.main(["--socket", str(sock), "sessions", "--all"])
             print("\nactive session gauge: ", end="", flush=True)
             ctl.main(
-                ["--socket", str(sock), "gauge", "--format", "{name}: {pct:.1f}% of {max} tokens"]
+                ["--socket", str(sock), "gauge", "--format", "{name}: {pct:.1f}% ({tokens} tokens)"]
             )
             sys.stdout.flush()
             time.sleep(args.refresh)
