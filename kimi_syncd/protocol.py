@@ -15,22 +15,34 @@ Secrets are redacted before anything is stored: the value of any key that names 
 credential (``api_key``, ``apiKey``, ``x-api-key``, ``Authorization``, ``password``,
 ``client_secret``, ``access_token``, ``token``, ``bearer`` …, any depth, any case) becomes
 ``"***"``. Token *counts* (``prompt_tokens``, ``tokens``, ``reserved_tokens`` …) are not
-credentials and are left alone. The check runs in the JSON parser's object hook against a
-cache of keys already known to be harmless (~0.15 µs per object); a regex over the raw text
-measured 3-35 µs per 300-byte frame here, more than the parse itself. The stored ``text`` is
-the raw frame unless something was redacted, then a compact re-dump.
+credentials and are left alone. The stored ``text`` is the raw frame unless something was
+redacted, then a compact re-dump.
+
+Cost (the daemon decodes every frame; figures from ``bench/micro_decode.py``): frames are
+parsed by pydantic-core's Rust parser (``from_json``, ~2.5× faster than ``json``'s C
+scanner), with ``json`` as the judge of anything it refuses, so results and rejection
+details are ``json``'s. Redaction and the depth limit are one walk over the parsed dicts,
+which skips dicts whose keys are all in a cache of harmless keys (a regex over the raw text
+measured 3-35 µs per 300-byte frame, more than the parse itself). ``log_metric`` and
+``metric_updated``, ~80 % of traffic, skip both the walk and pydantic when plain type checks
+derived from their models prove the frame valid and free of unknown keys (`_FAST_CHECKS`);
+their model is then built only if ``Event.model`` is read.
 """
 
 from __future__ import annotations
 
+import enum
+import itertools
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, Final
+from dataclasses import dataclass, field
+from operator import itemgetter
+from types import MappingProxyType, NoneType, UnionType
+from typing import Any, Final, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import from_json
 
 __all__ = [
     "DEAD_TYPES",
@@ -62,9 +74,23 @@ REJECT_REASONS: Final = frozenset(
 # --------------------------------------------------------------------------------------
 
 
+class _Pending(enum.Enum):
+    """`Event._model` of a frame already proven valid whose model is not built yet."""
+
+    PENDING = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One received frame that is a JSON object with a string ``type``."""
+    """One received frame that is a JSON object with a string ``type``.
+
+    ``model`` is the validated pydantic model of a known type's frame, None if the type is
+    unknown or the frame failed validation (then ``invalid`` says why). For log_metric and
+    metric_updated (`_FAST_TYPES`), decoding mostly proves validity with cheap type checks
+    and the model is built on first access: the reducer reads their (validated) ``body``
+    instead, and building models was the largest single cost per frame. ``body`` is the
+    parsed frame (redacted); treat it as read-only.
+    """
 
     type: str
     session_id: int | None
@@ -73,7 +99,47 @@ class Event:
     text: str
     known: bool
     invalid: str | None
-    model: BaseModel | None
+    _model: BaseModel | _Pending | None = field(repr=False, compare=False)
+
+    @property
+    def model(self) -> BaseModel | None:
+        model = self._model
+        if model is _Pending.PENDING:
+            model = _VALIDATORS[self.type](self.body)  # cannot fail: proven valid
+            object.__setattr__(self, "_model", model)
+        return model
+
+
+# `Event(...)` without its ``__init__``: a frozen dataclass sets each field through
+# ``object.__setattr__``, ~1.7 µs for eight fields here, ~0.9 µs through the slots' own
+# descriptors. The instance is the same (and as frozen) as one built by ``__init__``.
+_new_object = object.__new__
+(_set_type, _set_sid, _set_sids, _set_body, _set_text, _set_known, _set_invalid, _set_model) = (
+    Event.__dict__[name].__set__
+    for name in ("type", "session_id", "session_ids", "body", "text", "known", "invalid", "_model")
+)
+
+
+def _event(
+    etype: str,
+    session_id: int | None,
+    session_ids: tuple[int, ...],
+    body: dict[str, Any],
+    text: str,
+    known: bool,
+    invalid: str | None,
+    model: BaseModel | _Pending | None,
+) -> Event:
+    event: Event = _new_object(Event)
+    _set_type(event, etype)
+    _set_sid(event, session_id)
+    _set_sids(event, session_ids)
+    _set_body(event, body)
+    _set_text(event, text)
+    _set_known(event, known)
+    _set_invalid(event, invalid)
+    _set_model(event, model)
+    return event
 
 
 @dataclass(frozen=True, slots=True)
@@ -596,29 +662,13 @@ def _must_redact(kind: int, value: Any) -> bool:
     )
 
 
-class _Redactions:
-    """How many values the object hook has redacted (only ever grows).
-
-    `decode` compares it before and after parsing; in asyncio code nothing can interleave,
-    and with threads a spurious increase only costs one needless re-dump.
-    """
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
-
-
-_REDACTIONS = _Redactions()
-
-
 _all_safe = _SAFE_KEYS.issuperset
+_CONTAINERS: Final = frozenset({dict, list})
 
 
-def _object_hook(obj: dict[str, Any]) -> dict[str, Any]:
-    """Called by the JSON parser for every object, innermost first: redact in place."""
-    if _all_safe(obj):
-        return obj
+def _redact(obj: dict[str, Any]) -> bool:
+    """Redact one object's credential values in place; whether anything was redacted."""
+    redacted = False
     for key, value in obj.items():
         if key in _SAFE_KEYS:
             continue
@@ -629,12 +679,38 @@ def _object_hook(obj: dict[str, Any]) -> dict[str, Any]:
             continue
         if _must_redact(kind, value):
             obj[key] = REDACTED  # same key: no resize while iterating
-            _REDACTIONS.count += 1
-    return obj
+            redacted = True
+    return redacted
 
 
-_DECODER = json.JSONDecoder(object_hook=_object_hook)
-_scan_once: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+def _sweep(body: dict[str, Any], max_depth: int) -> bool | None:
+    """Redact credentials in place, at any depth, and measure the nesting on the way.
+
+    Returns whether anything was redacted, or None if containers nest deeper than
+    ``max_depth`` (the top-level object is depth 1). Depth is that of the redacted tree: a
+    credential's value is replaced before anything under it is looked at.
+    """
+    redacted = False
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(body, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node, depth = pop()
+        if depth > max_depth:
+            return None
+        if type(node) is dict:
+            if not _all_safe(node) and _redact(node):
+                redacted = True
+            values: Any = node.values()
+        else:
+            values = node
+        # Most objects and arrays hold only scalars: find that out without a Python loop.
+        if _CONTAINERS.isdisjoint(map(type, values)):
+            continue
+        for value in values:
+            if type(value) in _CONTAINERS:
+                push((value, depth + 1))
+    return redacted
+
 
 # For excerpts of rejected frames (no parse tree): `"key" : value` pairs in raw text,
 # the value possibly cut short by the 200-character limit.
@@ -656,6 +732,182 @@ def _excerpt_pair(m: re.Match[str]) -> str:
 def redact_excerpt(text: str) -> str:
     """Redact credential values in raw (possibly truncated, possibly invalid) JSON text."""
     return _EXCERPT_PAIR.sub(_excerpt_pair, text)
+
+
+# --------------------------------------------------------------------------------------
+# Fast validity checks for the hot types
+# --------------------------------------------------------------------------------------
+
+# The types that make up ~80 % of traffic. Decoding one of these frames costs a parse plus
+# `_FAST_CHECKS` when the check passes, instead of a parse, `_sweep` and a pydantic model.
+# Their reducer handlers read ``Event.body``, so that the model is never built in the daemon.
+_FAST_TYPES: Final = ("log_metric", "metric_updated")
+
+# What a strict field of each type accepts from JSON, claimed only where pydantic surely
+# agrees: a ``float`` field also takes most ints, but not 10**400, so ints are left to it.
+_STRICT_SCALARS: Final[dict[Any, type]] = {int: int, float: float, str: str, bool: bool}
+
+FastCheck = Callable[[dict[str, Any]], bool]
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The fields of a model, as far as `_fast_check` needs them."""
+
+    keys: frozenset[str]  # every field name
+    required: tuple[str, ...]  # present, not null, of exactly one type
+    required_types: tuple[type, ...]  # that type (dict for a nested model)
+    required_nested: tuple[tuple[int, _Shape], ...]  # (index in required, shape)
+    optional: tuple[tuple[str, frozenset[type]], ...]  # may be absent or null: accepted types
+    optional_nested: tuple[tuple[str, _Shape], ...]  # may be absent or null, else an object
+    depth: int  # of the deepest object (this one: 1)
+
+
+def _shape(model: type[BaseModel]) -> _Shape | None:
+    """The shape of ``model`` if `_fast_check` can judge it, else None.
+
+    Every field must be either required and not nullable (of one scalar type, or a nested
+    model), or optional, nullable and None by default (scalars, or a nested model): not
+    ``Any``, not a list, no constraint, alias or validator, and not a credential's name (a
+    field name is never redacted, so a passing check must mean "nothing to redact").
+    """
+    config = model.model_config
+    decorators = model.__pydantic_decorators__
+    if (
+        config.get("strict") is not True
+        or config.get("extra") != "allow"
+        or config.get("allow_inf_nan", True) is not True
+        or decorators.field_validators
+        or decorators.model_validators
+        or decorators.validators
+        or decorators.root_validators
+    ):
+        return None
+    required: list[str] = []
+    required_types: list[type] = []
+    required_nested: list[tuple[int, _Shape]] = []
+    optional: list[tuple[str, frozenset[type]]] = []
+    optional_nested: list[tuple[str, _Shape]] = []
+    depth = 1
+    for name, info in model.model_fields.items():
+        if info.alias or info.validation_alias or info.metadata or _secret_kind(name) != _KIND_SAFE:
+            return None
+        annotation = info.annotation
+        members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
+        members = members or (annotation,)
+        nullable = NoneType in members
+        rest = [m for m in members if m is not NoneType]
+        if not (
+            (info.is_required() and not nullable)
+            or (not info.is_required() and nullable and info.default is None)
+        ):
+            return None
+        sub = None
+        if len(rest) == 1 and isinstance(rest[0], type) and issubclass(rest[0], _Obj):
+            sub = _shape(rest[0])
+            if sub is None:
+                return None
+            depth = max(depth, sub.depth + 1)
+        elif not rest or not all(m in _STRICT_SCALARS for m in rest):
+            return None
+        if not nullable:
+            if sub is not None:
+                required_nested.append((len(required), sub))
+            elif len(rest) != 1:
+                return None
+            required.append(name)
+            required_types.append(dict if sub is not None else _STRICT_SCALARS[rest[0]])
+        elif sub is not None:
+            optional_nested.append((name, sub))
+        else:
+            optional.append((name, frozenset({NoneType, *(_STRICT_SCALARS[m] for m in rest)})))
+    return _Shape(
+        frozenset(model.model_fields),
+        tuple(required),
+        tuple(required_types),
+        tuple(required_nested),
+        tuple(optional),
+        tuple(optional_nested),
+        depth,
+    )
+
+
+def _fast_check(shape: _Shape) -> tuple[FastCheck, str]:
+    """A sound shortcut for validating a JSON object against the model of ``shape``.
+
+    The check returns True only for an object whose keys are all field names (so: nothing to
+    redact, and no extra key, which pydantic can refuse) and whose values have exactly the
+    types the strict fields take, nested objects included: pydantic accepts such an object.
+    False means "not proven": the frame takes the general path (`_sweep`, pydantic).
+
+    It is generated as one straight-line function (like `dataclasses` does ``__init__``):
+    a generic loop over the shape cost twice as much per frame (~4.5 vs ~2.5 µs here for
+    ``metric_updated``), about as much as pydantic itself. Returns the check and its source
+    (kept in `_FAST_CHECK_SOURCE`, for reading).
+    """
+    lines = ["def check(o0):"]
+    namespace: dict[str, Any] = {}
+    counter = itertools.count(1)  # o0 is the frame itself
+
+    def emit(sh: _Shape, n: int, indent: str) -> None:
+        o, v = f"o{n}", f"v{n}"
+        namespace[f"K{n}"] = sh.keys
+        namespace[f"T{n}"] = sh.required_types
+        lines.append(f"{indent}if not K{n}.issuperset({o}):")
+        lines.append(f"{indent}    return False")
+        if len(sh.required) == 1:
+            get = f"({o}[{sh.required[0]!r}],)"
+        else:
+            namespace[f"G{n}"] = itemgetter(*sh.required)
+            get = f"G{n}({o})"
+        lines.append(f"{indent}try:")
+        lines.append(f"{indent}    {v} = {get}")
+        lines.append(f"{indent}except KeyError:")
+        lines.append(f"{indent}    return False")
+        lines.append(f"{indent}if tuple(map(type, {v})) != T{n}:")
+        lines.append(f"{indent}    return False")
+        for i, (name, types) in enumerate(sh.optional):  # absent reads as None: accepted
+            namespace[f"O{n}_{i}"] = types
+            lines.append(f"{indent}if type({o}.get({name!r})) not in O{n}_{i}:")
+            lines.append(f"{indent}    return False")
+        for index, sub in sh.required_nested:  # already known to be a dict
+            m = next(counter)
+            lines.append(f"{indent}o{m} = {v}[{index}]")
+            emit(sub, m, indent)
+        for name, sub in sh.optional_nested:
+            m = next(counter)
+            lines.append(f"{indent}o{m} = {o}.get({name!r})")
+            lines.append(f"{indent}if o{m} is not None:")
+            lines.append(f"{indent}    if type(o{m}) is not dict:")
+            lines.append(f"{indent}        return False")
+            emit(sub, m, indent + "    ")
+
+    emit(shape, 0, "    ")
+    lines.append("    return True")
+    source = "\n".join(lines) + "\n"
+    exec(compile(source, "<protocol._fast_check>", "exec"), namespace)
+    check: FastCheck = namespace["check"]
+    return check, source
+
+
+def _fast_checks() -> dict[str, tuple[FastCheck, int, str]]:
+    """`_fast_check`, depth and the check's source, for each of `_FAST_TYPES`."""
+    checks = {}
+    for name in _FAST_TYPES:
+        model = MODELS[name]
+        shape = _shape(model)
+        session_id = model.model_fields.get("session_id")
+        # `_decode` reads the session id from the top level: it must be a required int.
+        if shape is None or session_id is None or session_id.annotation is not int:
+            raise TypeError(f"no fast check for the {name!r} model")  # pragma: no cover
+        check, source = _fast_check(shape)
+        checks[name] = (check, shape.depth, source)
+    return checks
+
+
+_FAST_BUILT: Final = _fast_checks()
+_FAST_CHECKS: Final = {name: (check, depth) for name, (check, depth, _) in _FAST_BUILT.items()}
+_FAST_CHECK_SOURCE: Final = {name: source for name, (_, _, source) in _FAST_BUILT.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -697,25 +949,6 @@ def _json_type(value: Any) -> str:
     return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def _too_deep(value: Any, max_depth: int) -> bool:
-    """Whether containers nest deeper than ``max_depth`` (the top-level object is depth 1)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > max_depth:
-            return True
-        if isinstance(node, dict):
-            children: Any = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
-        for child in children:
-            if isinstance(child, (dict, list)):
-                stack.append((child, depth + 1))
-    return False
-
-
 def _validation_reason(exc: ValidationError) -> str:
     parts = []
     errors = exc.errors(include_url=False, include_context=False)
@@ -730,9 +963,14 @@ def _validation_reason(exc: ValidationError) -> str:
     return _storable("; ".join(parts))[:500]
 
 
+# Session ids are SQLite INTEGERs (64-bit): a larger "id" cannot name a real session, and
+# could not be stored in the events table's session_id column either.
+_ID_MIN, _ID_MAX = -(2**63), 2**63 - 1
+
+
 def _int_id(value: Any) -> int | None:
-    """A session id: a JSON integer (not a boolean)."""
-    return value if type(value) is int else None
+    """A session id: a JSON integer (not a boolean) that fits in 64 bits."""
+    return value if type(value) is int and _ID_MIN <= value <= _ID_MAX else None
 
 
 _NUMERIC_ID = re.compile(r"\s*[+-]?[0-9]{1,19}\s*")
@@ -745,11 +983,15 @@ def _coerce_ids(raw: Any) -> tuple[int, ...]:
     out: dict[int, None] = {}  # ordered, de-duplicated
     for item in raw:
         if type(item) is int:
-            out[item] = None
+            value = item
         elif (type(item) is float and item.is_integer()) or (
             isinstance(item, str) and len(item) <= 40 and _NUMERIC_ID.fullmatch(item)
         ):
-            out[int(item)] = None
+            value = int(item)
+        else:
+            continue
+        if _ID_MIN <= value <= _ID_MAX:
+            out[value] = None
     return tuple(out)
 
 
@@ -804,8 +1046,88 @@ def _decode(frame: Any, max_bytes: int, max_depth: int) -> Event | Rejected:
         )
     text: str = frame
 
-    # Size, in UTF-8 bytes. ASCII text: the length. Otherwise encode (which also finds
-    # lone surrogates, which no valid text frame can hold and SQLite would refuse).
+    # The size limit is in UTF-8 bytes, at most 4 per character: a frame of up to a quarter
+    # of the limit in characters is within it and needs no encoding to tell (~0.6 µs for a
+    # non-ASCII 300-byte frame). Neither does the check for lone surrogates: pydantic-core
+    # refuses any text holding one, and then `_size_rejection` runs.
+    if len(text) * 4 > max_bytes:
+        rejected = _size_rejection(text, max_bytes)
+        if rejected is not None:
+            return rejected
+
+    # Parse: Rust first; whatever it refuses (invalid JSON, but also lone surrogate escapes
+    # and nesting past ~200 levels, which json takes) is judged and worded by json.
+    try:
+        body = from_json(text)
+    except Exception:
+        rejected = _size_rejection(text, max_bytes)
+        if rejected is not None:
+            return rejected
+        parsed = _parse_json(text, max_depth)
+        if isinstance(parsed, Rejected):
+            return parsed
+        body = parsed
+    if type(body) is not dict:
+        return Rejected(
+            "not_object",
+            f"top-level JSON value is {_json_type(body)}, not an object",
+            _str_excerpt(text),
+        )
+
+    # The hot types: a passing check proves the frame valid, with nothing to redact and
+    # shallow (see `_fast_check`). Anything else goes on to the general path below.
+    etype = body.get("type")
+    if type(etype) is str:
+        fast = _FAST_CHECKS.get(etype)
+        if fast is not None and fast[1] <= max_depth and fast[0](body):
+            session_id = _int_id(body["session_id"])  # both fast types require one
+            return _event(etype, session_id, (), body, text, True, None, _Pending.PENDING)
+
+    redacted = _sweep(body, max_depth)
+    if redacted is None:
+        return Rejected("too_deep", f"nesting deeper than {max_depth}", _str_excerpt(text))
+    if not isinstance(etype, str) or not etype:
+        what = "missing" if "type" not in body else f"{_json_type(etype)}, not a non-empty string"
+        return Rejected("no_type", f"'type' is {what}", _str_excerpt(text))
+
+    if redacted:
+        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a "\udXXX" escape in the frame: keep it escaped
+            text = json.dumps(body, separators=(",", ":"))
+    etype = _storable(etype)
+
+    # Session ids.
+    session_ids: tuple[int, ...] = ()
+    session_id = None
+    if etype in _NESTED_SESSION:
+        row = body.get("session")
+        if isinstance(row, dict):
+            session_id = _int_id(row.get("id"))
+    if session_id is None:
+        session_id = _int_id(body.get("session_id"))
+    if etype == "sessions_bulk_deleted":
+        session_ids = _coerce_ids(body.get("session_ids"))
+
+    # Validation.
+    validate = _VALIDATORS.get(etype)
+    if validate is None:
+        return _event(etype, session_id, session_ids, body, text, False, None, None)
+    try:
+        model = validate(body)
+    except ValidationError as exc:
+        reason = _validation_reason(exc)
+        return _event(etype, session_id, session_ids, body, text, True, reason, None)
+    except RecursionError:  # pragma: no cover - bounded by max_depth
+        reason = "nesting too deep"
+        return _event(etype, session_id, session_ids, body, text, True, reason, None)
+    return _event(etype, session_id, session_ids, body, text, True, None, model)
+
+
+def _size_rejection(text: str, max_bytes: int) -> Rejected | None:
+    """Too large (in UTF-8 bytes), or not encodable as UTF-8 (a lone surrogate, which no
+    valid text frame can hold and SQLite would refuse), or None."""
     size = len(text)
     if size > max_bytes:
         return Rejected(
@@ -828,9 +1150,16 @@ def _decode(frame: Any, max_bytes: int, max_depth: int) -> Event | Rejected:
                 f"frame is {size} bytes, more than the {max_bytes}-byte limit",
                 _str_excerpt(text),
             )
+    return None
 
-    # Parse (the object hook redacts credentials on the way).
-    before = _REDACTIONS.count
+
+# The judge of frames pydantic-core refuses: no object hook (`_sweep` redacts).
+_DECODER = json.JSONDecoder()
+_scan_once: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+
+
+def _parse_json(text: str, max_depth: int) -> Any:
+    """``json``'s parse of ``text``, or the `Rejected` saying why there is none."""
     try:
         try:
             body, end = _scan_once(text, 0)
@@ -853,51 +1182,4 @@ def _decode(frame: Any, max_bytes: int, max_depth: int) -> Event | Rejected:
         else:
             detail = f"invalid JSON: {detail}"
         return Rejected("not_json", detail[:300], _str_excerpt(text))
-    redacted = _REDACTIONS.count != before
-
-    if not isinstance(body, dict):
-        return Rejected(
-            "not_object",
-            f"top-level JSON value is {_json_type(body)}, not an object",
-            _str_excerpt(text),
-        )
-    if (text.count("{") + text.count("[") > max_depth) and _too_deep(body, max_depth):
-        return Rejected("too_deep", f"nesting deeper than {max_depth}", _str_excerpt(text))
-    etype = body.get("type")
-    if not isinstance(etype, str) or not etype:
-        what = "missing" if "type" not in body else f"{_json_type(etype)}, not a non-empty string"
-        return Rejected("no_type", f"'type' is {what}", _str_excerpt(text))
-
-    if redacted:
-        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # a "\udXXX" escape in the frame: keep it escaped
-            text = json.dumps(body, separators=(",", ":"))
-    etype = _storable(etype)
-
-    # Session ids.
-    session_ids: tuple[int, ...] = ()
-    session_id: int | None = None
-    if etype in _NESTED_SESSION:
-        row = body.get("session")
-        if isinstance(row, dict):
-            session_id = _int_id(row.get("id"))
-    if session_id is None:
-        session_id = _int_id(body.get("session_id"))
-    if etype == "sessions_bulk_deleted":
-        session_ids = _coerce_ids(body.get("session_ids"))
-
-    # Validation.
-    validate = _VALIDATORS.get(etype)
-    if validate is None:
-        return Event(etype, session_id, session_ids, body, text, False, None, None)
-    try:
-        model = validate(body)
-    except ValidationError as exc:
-        return Event(
-            etype, session_id, session_ids, body, text, True, _validation_reason(exc), None
-        )
-    except RecursionError:  # pragma: no cover - bounded by max_depth
-        return Event(etype, session_id, session_ids, body, text, True, "nesting too deep", None)
-    return Event(etype, session_id, session_ids, body, text, True, None, model)
+    return body

@@ -66,6 +66,15 @@ def _float(v: Any) -> float | None:
     return None
 
 
+def _vfloat(v: Any) -> float | None:
+    """`_float` of a validated strict ``float`` field read from ``Event.body``.
+
+    The model holds such a field as a float even when the JSON had an int (which pydantic
+    only accepts if it converts), and `_float` keeps ints only within int64.
+    """
+    return _float(float(v) if type(v) is int else v)
+
+
 def _str(v: Any, cap: int = TEXT_MAX) -> str | None:
     """A string, capped, with lone surrogates (from "\\udXXX" escapes) made encodable."""
     if type(v) is not str:
@@ -534,9 +543,13 @@ def _metric_row(
 
 
 def _trim_recent(s: SessionState) -> None:
+    """Keep the `RECENT_METRICS_MAX` highest metric ids."""
     rm = s.recent_metrics
-    if len(rm) > RECENT_METRICS_MAX:
-        for k in sorted(rm)[: len(rm) - RECENT_METRICS_MAX]:
+    excess = len(rm) - RECENT_METRICS_MAX
+    if excess == 1:  # one new row, on every metric frame: no need to sort 51 ids
+        del rm[min(rm)]
+    elif excess > 1:
+        for k in sorted(rm)[:excess]:
             del rm[k]
 
 
@@ -578,7 +591,7 @@ def _stats_on_metric(s: SessionState, old: dict[str, Any] | None, new: dict[str,
         return
     n = st.get("total_requests") or 0
     avg = st.get("avg_tokens")
-    prod = avg * n if isinstance(avg, float | int) and n else 0.0
+    prod = avg * n if isinstance(avg, (float, int)) and n else 0.0  # a tuple: faster than |
     est_sum = round(prod) if math.isfinite(prod) else 0
     cin = st.get("cumulative_input_tokens") or 0
     cout = st.get("cumulative_output_tokens") or 0
@@ -593,7 +606,8 @@ def _stats_on_metric(s: SessionState, old: dict[str, Any] | None, new: dict[str,
     cin += _row_input(new)
     cout += new.get("completion_tokens") or 0
     mx = st.get("max_tokens")
-    mx = est if not isinstance(mx, int) else max(mx, est)
+    if not isinstance(mx, int) or mx < est:  # max(mx, est), without the call
+        mx = est
     s.stats = _stats_dict(n, mx, est_sum, cin, cout)
 
 
@@ -606,15 +620,22 @@ def _set_context(
     s.context_seq = seq
 
 
-def _alert(a: p.Alert | None, seq: int) -> dict[str, Any] | None:
+def _alert(a: dict[str, Any] | None, seq: int) -> dict[str, Any] | None:
+    """A validated `protocol.Alert` object (from ``Event.body``) as kept."""
     if a is None:
         return None
-    return {"level": _str(a.level), "color": _str(a.color), "message": _str(a.message), "seq": seq}
+    return {
+        "level": _str(a["level"]),
+        "color": _str(a.get("color")),
+        "message": _str(a.get("message")),
+        "seq": seq,
+    }
 
 
 # --------------------------------------------------------------------------------------
-# Handlers: one per known type. Each gets the state, the event (valid, with its model),
-# the session named by event.session_id (already created) or None, seq and received_at.
+# Handlers: one per known type. Each gets the state, the event (valid: it reads the model,
+# or for log_metric and metric_updated the validated body, see below), the session named by
+# event.session_id (already created) or None, seq and received_at.
 # It returns one more session id whose row changed (the previously active one), or None.
 # --------------------------------------------------------------------------------------
 
@@ -735,33 +756,39 @@ _FAMILY_ALIASES: Final = {
 }
 
 
+# The two hot types read ``ev.body``, already validated against their models
+# (`protocol.LogMetric`, `protocol.MetricUpdated`: strict types, so the values are the
+# model's, bar ints in float fields, see `_vfloat`), not ``ev.model``: decoding proves most
+# of these frames valid without building a model, and reading ``ev.model`` would build it.
+
+
 def _h_log_metric(
     state: State, ev: Event, s: SessionState | None, seq: int, ts: float
 ) -> int | None:
-    m = cast(p.LogMetric, ev.model)
     if s is None:  # pragma: no cover
         return None
-    raw = m.source_family or m.source
+    b = ev.body
+    raw = b["source_family"] or b["source"]
     family = _FAMILY_ALIASES.get(raw, raw)
     fams = s.log_metrics
     if family not in fams and (len(fams) >= FAMILIES_MAX or len(family) > 100):
         family = OTHER
     old = fams.get(family)
-    x = m.metrics
+    x = b["metrics"]
     fams[family] = {
         "count": (old["count"] if old else 0) + 1,
-        "source": _str(m.source),
-        "label": _str(m.source_label),
-        "timestamp": _str(m.timestamp),
+        "source": _str(b["source"]),
+        "label": _str(b["source_label"]),
+        "timestamp": _str(b["timestamp"]),
         "metrics": {
-            "prompt_tokens": _int(x.prompt_tokens),
-            "completion_tokens": _int(x.completion_tokens),
-            "tools_tokens": _int(x.tools_tokens),
-            "system_message_tokens": _int(x.system_message_tokens),
-            "total_tokens": _int(x.total_tokens),
-            "context_length": _int(x.context_length),
-            "max_context": _int(x.max_context),
-            "percentage": _float(x.percentage),
+            "prompt_tokens": _int(x["prompt_tokens"]),
+            "completion_tokens": _int(x["completion_tokens"]),
+            "tools_tokens": _int(x.get("tools_tokens")),
+            "system_message_tokens": _int(x.get("system_message_tokens")),
+            "total_tokens": _int(x["total_tokens"]),
+            "context_length": _int(x["context_length"]),
+            "max_context": _int(x["max_context"]),
+            "percentage": _vfloat(x["percentage"]),
         },
         "seq": seq,
     }
@@ -771,34 +798,35 @@ def _h_log_metric(
 def _h_metric_updated(
     state: State, ev: Event, s: SessionState | None, seq: int, ts: float
 ) -> int | None:
-    m = cast(p.MetricUpdated, ev.model)
     if s is None:  # pragma: no cover
         return None
-    rt = m.real_tokens
-    total, prompt, completion = _int(rt.total), _int(rt.prompt), _int(rt.completion)
-    pct = _float(rt.percentage)
-    s.metric_id = mid = _int(m.metric_id)
+    b = ev.body
+    rt = b["real_tokens"]
+    total, prompt, completion = _int(rt["total"]), _int(rt["prompt"]), _int(rt["completion"])
+    pct = _vfloat(rt["percentage"])
+    s.metric_id = mid = _int(b["metric_id"])
     s.real_tokens = {"total": total, "prompt": prompt, "completion": completion, "percentage": pct}
-    s.cumulative_tokens = _int(m.cumulative_tokens)
-    s.cumulative_percentage = _float(m.cumulative_percentage)
-    s.alert = _alert(m.alert, seq)
+    s.cumulative_tokens = _int(b["cumulative_tokens"])
+    s.cumulative_percentage = _vfloat(b["cumulative_percentage"])
+    s.alert = _alert(b.get("alert"), seq)
     if s.alert is not None:
         s.last_alert = s.alert
     s.metric_updates += 1
     _set_context(s, s.cumulative_tokens, s.cumulative_percentage, "metric_updated", seq)
     if mid is not None:
         old = s.recent_metrics.get(mid)
-        new = _metric_row(
-            mid,
-            timestamp=old["timestamp"] if old else None,
-            estimated_tokens=total,
-            percentage=pct,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            is_estimated=False,
-            content_preview=old["content_preview"] if old else None,
-            source=_str(m.source) if m.source is not None else (old["source"] if old else None),
-        )
+        source = b.get("source")
+        new = {  # `_metric_row`, spelled out: keyword calls cost here
+            "id": mid,
+            "timestamp": old["timestamp"] if old else None,
+            "estimated_tokens": total,
+            "percentage": pct,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "is_estimated": False,
+            "content_preview": old["content_preview"] if old else None,
+            "source": _str(source) if source is not None else (old["source"] if old else None),
+        }
         _stats_on_metric(s, old, new)
         s.recent_metrics[mid] = new
         _trim_recent(s)
@@ -1170,6 +1198,21 @@ def _bookkeep(s: SessionState, etype: str, invalid: bool, seq: int, ts: float) -
 
 
 _NO_IDS: Final[frozenset[int]] = frozenset()
+_TOUCHED_NONE: Final = Touched(_NO_IDS)
+# `Touched` of one session, by id: almost every event touches exactly one session, and
+# building a frozen dataclass and a frozenset per event costs ~1 µs. They are immutable, so
+# callers can share them; bounded (cleared when full) against a stream of ever-new ids.
+_TOUCHED_ONE: dict[int, Touched] = {}
+_TOUCHED_ONE_MAX: Final = 4096
+
+
+def _touched_one(sid: int) -> Touched:
+    touched = _TOUCHED_ONE.get(sid)
+    if touched is None:
+        if len(_TOUCHED_ONE) >= _TOUCHED_ONE_MAX:
+            _TOUCHED_ONE.clear()
+        touched = _TOUCHED_ONE[sid] = Touched(frozenset((sid,)))
+    return touched
 
 
 def apply(state: State, event: Event, seq: int, received_at: float) -> Touched:
@@ -1195,7 +1238,9 @@ def apply(state: State, event: Event, seq: int, received_at: float) -> Touched:
             _bookkeep(_session(state, other), etype, invalid, seq, received_at)
 
     extra: int | None = None
-    if event.model is not None:
+    # Valid and known, i.e. ``event.model is not None`` without building a pending model
+    # (the hot types' handlers read the body instead; see protocol.Event).
+    if event.known and not invalid:
         handler = HANDLERS.get(etype)
         if handler is not None:
             try:
@@ -1204,7 +1249,7 @@ def apply(state: State, event: Event, seq: int, received_at: float) -> Touched:
                 _bump(state.handler_errors, etype)
 
     if extra is None and not event.session_ids:
-        return Touched(frozenset((sid,)) if sid is not None else _NO_IDS)
+        return _touched_one(sid) if sid is not None else _TOUCHED_NONE
     ids = set(event.session_ids)
     if sid is not None:
         ids.add(sid)

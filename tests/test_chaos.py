@@ -22,17 +22,8 @@ from chaos.common import Ctx, run_campaign
 SEED = int(os.environ.get("KIMI_CHAOS_SEED") or random.SystemRandom().randrange(1, 10**6))
 
 # Daemon bugs found by these campaigns and not fixed yet (strict: a fix makes them XPASS,
-# which fails the run until the marker is removed).
-_HUGE_IDS = (
-    "a frame whose session id does not fit SQLite's INTEGER (|id| >= 2**63, e.g. "
-    '{"type":"log_metric","session_id":18446744073709551617}) makes the writer fail with '
-    "OverflowError; the writer now isolates it and records it as an 'unstorable' rejected "
-    "frame, but protocol._int_id / _coerce_ids should map such ids to None and store the "
-    "event (flagged invalid) instead"
-)
-KNOWN_BUGS: dict[str, str] = {
-    "upstream.hostile_frames": _HUGE_IDS + " (the sim's huge_number frames include one)",
-}
+# which fails the run until the marker is removed). None at the moment.
+KNOWN_BUGS: dict[str, str] = {}
 
 _results: dict[str, dict[str, Ctx]] = {}
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import math
 from pathlib import Path
 from typing import Any, cast
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -599,3 +601,179 @@ def test_fuzz_example_mutations(line: str, data: st.DataObject) -> None:
         if key != "type":
             body[key] = data.draw(JSON_VALUES)
     _check(decode(json.dumps(body)))
+
+
+# -- the fast paths (pydantic-core's parser, the hot types' checks, lazy models) ------------
+#
+# Each must be invisible: the same Event (or Rejected) as the general path would give.
+
+HOT = [line for line in LINES if json.loads(line)["type"] in protocol._FAST_TYPES]
+ODD_SCALARS = [None, True, 0, -1, 2**63, 10**30, 80, 1.5, -0.0, math.inf, math.nan, "", "\ud800"]
+ODD_OBJECTS = [[], [1], {}, {"a": 1}, {"level": "w"}, {"level": 3}, {"api_key": "sk"}]
+ODD_OBJECTS += [{"token": 5}, {"level": "w", "color": None, "x": 1}, {"level": "w", "Api-Key": "s"}]
+ODD_VALUES = st.sampled_from([*ODD_SCALARS, *ODD_OBJECTS])
+ODD_KEYS = st.sampled_from(["api_key", "x", "max_token", "Authorization", "p-a-s-s", "tokens"])
+
+
+def _strict_same(a: Any, b: Any) -> bool:
+    """Equal, with the same types and key order (NaN equal to NaN)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_strict_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_strict_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    return bool(a == b) and (not isinstance(a, float) or math.copysign(1, a) == math.copysign(1, b))
+
+
+def _view(out: Event | Rejected) -> Any:
+    if isinstance(out, Rejected):
+        return ("rejected", out.reason, out.detail, out.excerpt)
+    model = out.model
+    dumped = (type(model).__name__, model.model_dump()) if model is not None else None
+    fields = (out.type, out.session_id, out.session_ids, out.body, out.text, out.known)
+    return (*fields, out.invalid, dumped)
+
+
+def _general(text: str, **kw: Any) -> Event | Rejected:
+    """`decode` without the hot types' checks (sweep and pydantic for every frame)."""
+    with mock.patch.dict(protocol._FAST_CHECKS, clear=True):
+        return decode(text, **kw)
+
+
+def _json_only(text: str, **kw: Any) -> Event | Rejected:
+    """`decode` with json's parser only (as before pydantic-core's was tried first)."""
+    with mock.patch.object(protocol, "from_json", side_effect=ValueError("off")):
+        return decode(text, **kw)
+
+
+@st.composite
+def hot_mutations(draw: st.DrawFn) -> str:
+    """A log_metric or metric_updated example with a few values, keys or nestings changed."""
+    body = json.loads(draw(st.sampled_from(HOT)))
+    for _ in range(draw(st.integers(1, 3))):
+        subs = [v for v in body.values() if isinstance(v, dict)]
+        target = draw(st.sampled_from([body, *subs]))
+        keys = [k for k in target if k != "type"]
+        action = draw(st.sampled_from(["set", "drop", "add"] if keys else ["add"]))
+        if action == "set":
+            target[draw(st.sampled_from(keys))] = copy.deepcopy(draw(ODD_VALUES))
+        elif action == "drop":
+            del target[draw(st.sampled_from(keys))]
+        else:
+            target[draw(ODD_KEYS)] = copy.deepcopy(draw(ODD_VALUES))
+    return json.dumps(body, ensure_ascii=draw(st.booleans()))
+
+
+def test_hot_examples_take_the_fast_path_and_build_models_lazily() -> None:
+    assert set(protocol._FAST_CHECKS) == {"log_metric", "metric_updated"}
+    for line in HOT:
+        e = ev(line)
+        assert e._model is protocol._Pending.PENDING  # not built by decoding
+        assert e == ev(line)  # equality does not depend on whether the model is built
+        model = e.model
+        assert isinstance(model, MODELS[e.type]) and e.model is model  # built once
+        assert e == ev(line)
+
+
+@FUZZ
+@given(hot_mutations(), st.sampled_from([64, 64, 64, 1, 2, 3]))
+def test_fast_check_is_sound_and_invisible(text: str, max_depth: int) -> None:
+    fast = decode(text, max_depth=max_depth)
+    assert _strict_same(_view(fast), _view(_general(text, max_depth=max_depth)))
+    body = json.loads(text)
+    check, depth = protocol._FAST_CHECKS[body["type"]]
+    if check(body):  # proven valid: pydantic agrees, nothing to redact, not deeper than said
+        MODELS[body["type"]].model_validate(body)
+        assert protocol._sweep(body, depth) is False
+
+
+def test_fast_check_defers_what_it_cannot_prove() -> None:
+    body = json.loads(LINES[2])  # metric_updated
+    check, depth = protocol._FAST_CHECKS["metric_updated"]
+    assert check(body) and depth == 2  # the frame, and real_tokens or alert in it
+    for key, value in [
+        ("cumulative_percentage", 90),  # an int in a float field: pydantic decides
+        ("new_field", 1),  # an extra key: could need redaction, or fail validation
+        ("alert", {"level": "w", "api_key": "k"}),
+        ("source", 5),
+    ]:
+        changed = dict(body, **{key: value})
+        assert not check(changed)
+    e = ev(frame(**dict(body, cumulative_percentage=90)))
+    assert e.invalid is None and isinstance(e.model, protocol.MetricUpdated)
+    assert e.model.cumulative_percentage == 90.0
+    # Models with fields a type check cannot judge have no shape.
+    assert protocol._shape(protocol.ReservedTokensUpdated) is None  # Any
+    assert protocol._shape(protocol.Init) is None  # a list of rows
+    assert protocol._shape(protocol.MemorySimilarityItem) is None  # required str | int
+    shape = protocol._shape(protocol.MetricUpdated)
+    assert shape is not None and shape.required_types == (str, int, int, dict, int, float)
+    named = {
+        *shape.required,
+        *(n for n, _ in shape.optional),
+        *(n for n, _ in shape.optional_nested),
+    }
+    assert named == set(protocol.MetricUpdated.model_fields)  # every field judged
+    assert "def check(o0):" in protocol._FAST_CHECK_SOURCE["metric_updated"]
+
+
+def test_hot_frame_with_a_lone_surrogate_is_not_utf8() -> None:
+    body = json.loads(LINES[2])
+    body["source"] = "a\ud800b"  # raw in the text: no text frame can carry it
+    r = rej(json.dumps(body, ensure_ascii=False))
+    assert r.reason == "not_utf8" and "lone surrogate" in r.detail
+    e = ev(json.dumps(body))  # escaped ("\\ud800"): valid JSON, stored escaped
+    assert e.body["source"] == "a\ud800b" and e.invalid is None
+    e.text.encode("utf-8")
+
+
+def test_size_limit_with_and_without_the_quick_bound() -> None:
+    text = frame(type="metric_updated", p="é" * 30)  # 30 characters of 2 bytes each
+    size = len(text.encode())
+    assert ev(text, max_bytes=4 * len(text)).type == "metric_updated"  # bound: no encode
+    assert ev(text, max_bytes=size).type == "metric_updated"  # measured: exactly fits
+    assert rej(text, max_bytes=size - 1).reason == "too_large"
+
+
+def test_secret_values_are_redacted_before_depth_is_measured() -> None:
+    deep = "[" * 100 + "]" * 100
+    e = ev('{"type":"x","api_key":' + deep + ',"token":{"password":"p","n":' + deep + "}}")
+    assert e.body == {"type": "x", "api_key": REDACTED, "token": REDACTED}
+    assert rej('{"type":"x","note":' + deep + "}").reason == "too_deep"
+
+
+JSONISH = st.text(alphabet=st.sampled_from('{}[]":,\\ \tudtype0123456789.eE-+ntrlsfaNI\ud800'))
+JSON_TEXTS = JSON_VALUES.map(lambda v: json.dumps({"type": "x", "v": v}, ensure_ascii=False))
+
+
+@FUZZ
+@given(JSONISH | JSON_TEXTS | hot_mutations(), st.sampled_from([64, 3]))
+def test_pydantic_core_parse_is_invisible(text: str, max_depth: int) -> None:
+    a, b = decode(text, max_depth=max_depth), _json_only(text, max_depth=max_depth)
+    assert _strict_same(_view(a), _view(b))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"log_metric","session_id":18446744073709551617}',
+        '{"type":"session_deleted","session_id":-9223372036854775809}',
+        '{"type":"new_session","session":{"id":9223372036854775808}}',
+    ],
+)
+def test_session_ids_beyond_64_bits_name_no_session(frame: str) -> None:
+    event = decode(frame)
+    assert isinstance(event, Event)
+    assert event.session_id is None  # SQLite could not store it, and no session has it
+
+
+def test_bulk_deleted_ids_beyond_64_bits_are_dropped() -> None:
+    event = decode(
+        '{"type":"sessions_bulk_deleted","session_ids":[1,"9999999999999999999",'
+        '9223372036854775807,1e300],"deleted_count":2}'
+    )
+    assert isinstance(event, Event)
+    assert event.session_ids == (1, 9223372036854775807)

@@ -6,11 +6,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kimi_syncd import protocol
 from kimi_syncd.protocol import KNOWN_TYPES, Event, decode
 from kimi_syncd.state import (
     HANDLERS,
@@ -610,3 +612,52 @@ def test_incremental_equals_replay_and_survives_restarts(
             global2 = _store(chunked, apply(chunked, e, seq, ts), rows2)
     assert chunked == state
     assert State.load(rows2.values(), global2) == state
+
+
+# -- the hot types' handlers read the validated body, not the model -------------------------
+
+
+def test_hot_handlers_do_not_build_models() -> None:
+    state = run(example(1))
+    for body in (example(2), example(3, session_id=42)):
+        e = ev(body)
+        apply(state, e, 100, T0)
+        assert e._model is protocol._Pending.PENDING  # decoding and reducing: no model
+    assert state.sessions[42].log_metrics and state.sessions[42].metric_id == 319
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"alert": None},
+        {"source": None},
+        {"real_tokens": {"total": 1, "prompt": 2, "completion": 3, "percentage": 7}},  # int
+        {"cumulative_percentage": 10**20},  # an int a float field takes (as 1e20)
+        {"cumulative_tokens": 2**63},  # beyond int64: not kept
+        {"alert": {"level": "x", "api_key": "k", "n": 1}},  # extra keys: via pydantic
+        {"extra": [1, {"token": "t"}]},
+    ],
+)
+def test_hot_handlers_agree_with_the_model(changes: dict[str, Any]) -> None:
+    """What the handlers read from the body is what the model holds (old handlers read it)."""
+    body = example(3, session_id=42, **changes)
+    fast = run(example(1), body)
+    with mock.patch.dict(protocol._FAST_CHECKS, clear=True):  # every frame through pydantic
+        slow = run(example(1), body)
+    assert fast.sessions[42].to_dict() == slow.sessions[42].to_dict()
+    e = ev(body)
+    assert isinstance(e.model, protocol.MetricUpdated)
+    x = fast.sessions[42]
+    pct = e.model.cumulative_percentage
+    assert x.cumulative_percentage == (pct if abs(pct) < 1e300 else None)
+    assert type(x.cumulative_percentage) is float
+    assert type(x.real_tokens and x.real_tokens["percentage"]) is float
+
+
+def test_touched_of_one_session_is_shared_and_right() -> None:
+    state = State()
+    t1 = apply(state, ev(example(3, session_id=42)), 1, T0)
+    t2 = apply(state, ev(example(3, session_id=42, metric_id=320)), 2, T0)
+    assert t1 == t2 == Touched(frozenset({42})) and t1.global_changed
+    assert apply(state, ev(example(16)), 3, T0) == Touched(frozenset())  # no session
