@@ -189,7 +189,7 @@ class _BatchDelta:
     states: collections.Counter[str]  # outbox rows per state
     pending_bytes: int
     seq: int  # the last event seq of this batch
-    rebuilt: tuple[State, dict[int, dict[str, Any]], dict[str, Any]] | None = None
+    rebuilt: tuple[State, CommittedSessions, dict[str, Any]] | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,13 +220,6 @@ class CommittedSessions(Mapping[int, dict[str, Any]]):
     def put(self, sid: int, session: dict[str, Any], text: str) -> None:
         self.texts[sid] = text
         self.flags[sid] = (bool(session.get("active")), bool(session.get("deleted")))
-
-    @classmethod
-    def of(cls, sessions: Mapping[int, dict[str, Any]]) -> CommittedSessions:
-        out = cls()
-        for sid, session in sessions.items():
-            out.put(sid, session, _dumps(session))
-        return out
 
     def __getitem__(self, sid: int) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(self.texts[sid])
@@ -693,9 +686,7 @@ class Writer:
         for item in frames:
             if isinstance(item, LinkEvent):
                 seq += 1
-                body = json.dumps(
-                    {"type": item.type, **item.body}, ensure_ascii=False, separators=(",", ":")
-                )
+                body = _dumps({"type": item.type, **item.body})
                 event_rows.append(
                     (seq, item.received_at, item.conn_id, "link", item.type, None, None, body)
                 )
@@ -771,7 +762,7 @@ class Writer:
             await db.executemany(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 [
-                    ("global", json.dumps(global_dict, ensure_ascii=False, separators=(",", ":"))),
+                    ("global", _dumps(global_dict)),
                     ("last_seq", str(seq)),
                 ],
             )
@@ -792,8 +783,7 @@ class Writer:
         if batch.rebuilt is not None:
             # A rebuild in this batch replayed the log including this batch's events: its
             # state replaces the incrementally applied one (only now that it is committed).
-            fresh, sessions, self.committed_global = batch.rebuilt
-            self.state, self.committed_sessions = fresh, CommittedSessions.of(sessions)
+            self.state, self.committed_sessions, self.committed_global = batch.rebuilt
         else:
             for sid, d in session_dicts.items():
                 self.committed_sessions.put(sid, d, session_texts[sid])
@@ -1055,20 +1045,19 @@ class Writer:
                         last_received = received_at
                 await asyncio.sleep(0)  # let the API breathe during a long replay
         await self.db.execute("DELETE FROM sessions")
-        sessions = {sid: s.to_dict() for sid, s in fresh.sessions.items()}
-        rows_out = [
-            (sid, json.dumps(d, ensure_ascii=False, separators=(",", ":")), batch.seq)
-            for sid, d in sessions.items()
-        ]
+        committed = CommittedSessions()
+        for sid, session in fresh.sessions.items():
+            as_dict = session.to_dict()
+            committed.put(sid, as_dict, _dumps(as_dict))
         await self.db.executemany(
-            "INSERT INTO sessions (id, state, updated_seq) VALUES (?,?,?)", rows_out
+            "INSERT INTO sessions (id, state, updated_seq) VALUES (?,?,?)",
+            [(sid, text, batch.seq) for sid, text in committed.texts.items()],
         )
         global_dict = fresh.global_dict()
         await self.db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('global', ?)",
-            (json.dumps(global_dict, ensure_ascii=False, separators=(",", ":")),),
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('global', ?)", (_dumps(global_dict),)
         )
-        batch.rebuilt = (fresh, sessions, global_dict)
+        batch.rebuilt = (fresh, committed, global_dict)
         return {
             "events_replayed": count,
             "sessions": len(fresh.sessions),
